@@ -1,0 +1,1 @@
+"""Stream processors: ingest (decode, DLQ, raw rows), aggregate (windowed tables to Scylla)."""

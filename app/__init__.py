@@ -1,0 +1,1 @@
+"""millstream application layer: settings, the faust App factory, the CLI."""

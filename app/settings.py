@@ -1,0 +1,323 @@
+"""millstream settings: one validated, frozen model read from ``MILLSTREAM_*`` variables.
+
+Nested groups use ``__``: ``MILLSTREAM_KAFKA__BOOTSTRAP_SERVERS=b-1:9092,b-2:9092``.
+Lists are comma-separated. Durations are seconds. Nothing here reads the environment at
+import time; :func:`load_settings` does, once, at start.
+
+A bad value raises :class:`SettingsError` whose message is one line naming the variable; secret
+values are never echoed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "MILLSTREAM_"
+ENV_NESTED_DELIMITER = "__"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; ``str()`` is one line naming the variable."""
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Group):
+    """Where telemetry comes from and where rejects and alerts go."""
+
+    bootstrap_servers: CsvList = Field(
+        default_factory=lambda: ["localhost:9092"], description="Kafka brokers, comma-separated host:port."
+    )
+    telemetry_topic: str = Field("telemetry", min_length=1, description="Source topic, key = device id.")
+    dlq_topic: str = Field("telemetry-dlq", min_length=1, description="Dead-letter topic for rejected input.")
+    alerts_topic: str = Field("telemetry-alerts", min_length=1, description="Topic for alerts.")
+    consumer_group: str = Field(
+        "millstream", min_length=1, description="Consumer group id; also the faust app id."
+    )
+    partitions: int = Field(
+        4, ge=1, le=10_000, description="Partitions of the telemetry topic (changelogs must match)."
+    )
+    replication_factor: int = Field(
+        3, ge=1, le=16, description="Replication factor of the topics millstream creates (changelogs, DLQ)."
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (MSK: SASL_SSL)."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism when security_protocol is SASL_*."
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (secret).")
+    ssl_cafile: Path | None = Field(None, description="CA bundle for TLS; system CAs when unset.")
+    ssl_certfile: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    ssl_keyfile: Path | None = Field(None, description="Client key for mutual TLS.")
+    ssl_key_password: SecretStr | None = Field(None, description="Password of the client key (secret).")
+    session_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Consumer session timeout; a dead worker is expelled after it."
+    )
+    request_timeout_s: float = Field(
+        40.0, gt=0, le=3600, description="Broker request timeout; must be >= session_timeout_s."
+    )
+    producer_max_batch_size: int = Field(
+        16384, ge=1, description="Producer batch size in bytes (tests against tansu use 1)."
+    )
+
+    _split = field_validator("bootstrap_servers", mode="before")(_split_csv)
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _hosts_have_ports(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one host:port")
+        for server in value:
+            host, _, port = server.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{server!r} is not host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> KafkaSettings:
+        if self.session_timeout_s > self.request_timeout_s:
+            # faust/aiokafka misbehave when a request can outlive the session (DESIGN.md §4).
+            raise ValueError(
+                f"{ENV_PREFIX}KAFKA__SESSION_TIMEOUT_S ({self.session_timeout_s:g}) must be <= "
+                f"{ENV_PREFIX}KAFKA__REQUEST_TIMEOUT_S ({self.request_timeout_s:g})"
+            )
+        if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
+            raise ValueError(
+                f"{ENV_PREFIX}KAFKA__SASL_USERNAME and {ENV_PREFIX}KAFKA__SASL_PASSWORD are required "
+                f"with {ENV_PREFIX}KAFKA__SECURITY_PROTOCOL={self.security_protocol}"
+            )
+        return self
+
+
+class ClickHouseSettings(_Group):
+    """Raw rows go to ClickHouse ``telemetry_raw``."""
+
+    url: str = Field(
+        "clickhouse://default@localhost:9000/millstream",
+        description="clickhouse://user@host:port/database (native protocol; clickhouses:// for TLS) "
+        "or chdb:///path for the embedded engine.",
+    )
+    password: SecretStr = Field(SecretStr(""), description="ClickHouse password (secret).")
+    table: str = Field("telemetry_raw", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Raw rows table.")
+    batch_rows: int = Field(10_000, ge=1, le=10_000_000, description="Rows per insert at most.")
+    flush_interval_s: float = Field(1.0, gt=0, le=600, description="Flush at least this often.")
+    connect_timeout_s: float = Field(10.0, gt=0, le=600, description="Connect timeout.")
+    query_timeout_s: float = Field(30.0, gt=0, le=3600, description="Timeout of one insert or query.")
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("clickhouse", "clickhouses", "chdb"):
+            raise ValueError("scheme must be clickhouse://, clickhouses:// or chdb://")
+        if parts.password:
+            raise ValueError("put the password in MILLSTREAM_CLICKHOUSE__PASSWORD, not in the URL")
+        if parts.scheme != "chdb":
+            if not parts.hostname:
+                raise ValueError("needs a host")
+            try:
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError as exc:
+                raise ValueError("bad port") from exc
+            if not parts.path.strip("/"):
+                raise ValueError("needs a database: clickhouse://user@host:9000/DATABASE")
+        elif not parts.path:
+            raise ValueError("needs a directory: chdb:///var/lib/millstream/chdb")
+        return value
+
+    @property
+    def database(self) -> str:
+        return urlsplit(self.url).path.strip("/") if not self.embedded else "millstream"
+
+    @property
+    def embedded(self) -> bool:
+        return urlsplit(self.url).scheme == "chdb"
+
+
+class ScyllaSettings(_Group):
+    """Windowed aggregates and latest values go to ScyllaDB."""
+
+    enabled: bool = Field(True, description="Write aggregates to ScyllaDB; off serves them from tables only.")
+    contact_points: CsvList = Field(
+        default_factory=lambda: ["localhost"], description="Scylla nodes, comma-separated hosts."
+    )
+    port: int = Field(9042, ge=1, le=65535, description="CQL native protocol port.")
+    keyspace: str = Field("millstream", pattern=r"^[a-z_][a-z0-9_]{0,47}$", description="Keyspace.")
+    replication_class: Literal["NetworkTopologyStrategy", "SimpleStrategy"] = Field(
+        "NetworkTopologyStrategy", description="Keyspace replication strategy."
+    )
+    replication_factor: int = Field(3, ge=1, le=16, description="Replicas per data center.")
+    local_dc: str | None = Field(None, description="Local data center for DC-aware routing.")
+    consistency: Literal["ONE", "TWO", "QUORUM", "LOCAL_ONE", "LOCAL_QUORUM", "ALL"] = Field(
+        "LOCAL_QUORUM", description="Write consistency level."
+    )
+    concurrency: int = Field(64, ge=1, le=4096, description="In-flight requests per worker at most.")
+    request_timeout_s: float = Field(10.0, gt=0, le=600, description="Timeout of one request.")
+    username: str | None = Field(None, description="User name (PasswordAuthenticator).")
+    password: SecretStr | None = Field(None, description="Password (secret).")
+
+    _split = field_validator("contact_points", mode="before")(_split_csv)
+
+    @field_validator("contact_points")
+    @classmethod
+    def _not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one host")
+        return value
+
+
+class WindowSettings(_Group):
+    """Event-time tumbling windows of the aggregates."""
+
+    sizes_s: Annotated[list[PositiveInt], NoDecode] = Field(
+        default_factory=lambda: [60, 3600], description="Window sizes in seconds, comma-separated."
+    )
+    grace_s: float = Field(60.0, ge=0, le=86_400, description="How late a reading may be and still count.")
+    retention_windows: int = Field(
+        3, ge=1, le=1000, description="How many closed windows of each size a table keeps."
+    )
+
+    _split = field_validator("sizes_s", mode="before")(_split_csv)
+
+    @field_validator("sizes_s")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("needs at least one size")
+        if len(set(value)) != len(value):
+            raise ValueError("sizes repeat")
+        return sorted(value)
+
+
+class LimitSettings(_Group):
+    """What counts as bad input (rejected to the DLQ with a reason)."""
+
+    max_message_bytes: int = Field(1_048_576, ge=64, description="Larger messages are rejected.")
+    max_readings_per_message: int = Field(1000, ge=1, description="Larger batches are rejected.")
+    max_device_id_length: int = Field(128, ge=1, le=4096, description="Longer device ids are rejected.")
+    max_future_skew_s: float = Field(300.0, ge=0, description="Readings further in the future are rejected.")
+    dlq_max_consecutive: int = Field(
+        10_000, ge=1, description="This many rejects in a row crash the worker (bad upstream deploy)."
+    )
+
+
+class Settings(BaseSettings):
+    """All of millstream's settings. Read with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        frozen=True,
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    clickhouse: ClickHouseSettings = Field(default_factory=ClickHouseSettings)
+    scylla: ScyllaSettings = Field(default_factory=ScyllaSettings)
+    windows: WindowSettings = Field(default_factory=WindowSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    store: Literal["rocksdb", "memory"] = Field(
+        "rocksdb", description="Table store: rocksdb (production) or memory (tests)."
+    )
+    data_dir: Path = Field(Path("/var/lib/millstream"), description="RocksDB tables and local state.")
+    rocksdb_block_cache_mb: int = Field(
+        64, ge=8, le=65_536, description="RocksDB block cache per table partition, MiB."
+    )
+    web_host: str = Field("0.0.0.0", description="Address of /metrics, /healthz, /readyz.")
+    web_port: int = Field(6066, ge=1, le=65535, description="Port of /metrics, /healthz, /readyz.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    return ENV_PREFIX + ENV_NESTED_DELIMITER.join(str(part).upper() for part in loc if isinstance(part, str))
+
+
+def _known_variables() -> set[str]:
+    known: set[str] = set()
+    for name, field in Settings.model_fields.items():
+        known.add(ENV_PREFIX + name.upper())
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            known.update(
+                ENV_PREFIX + name.upper() + ENV_NESTED_DELIMITER + child.upper() for child in sub.model_fields
+            )
+    return known
+
+
+def load_settings() -> Settings:
+    """Read and validate settings from ``MILLSTREAM_*`` environment variables.
+
+    Raises :class:`SettingsError` with one line naming the offending variable. Unknown
+    ``MILLSTREAM_*`` names are errors too: a typo must not silently fall back to a default.
+    """
+    known = _known_variables()
+    unknown = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+    if unknown:
+        raise SettingsError(f"{unknown[0]}: unknown setting (`millstream settings --doc` lists them all)")
+    try:
+        return Settings()
+    except ValidationError as exc:
+        error = exc.errors(include_url=False, include_input=False)[0]
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if message.startswith(ENV_PREFIX):  # a cross-field rule names its variables itself
+            raise SettingsError(message) from None
+        raise SettingsError(f"{_env_name(error['loc'])}: {message}") from None
+
+
+def settings_doc() -> list[tuple[str, str, str]]:
+    """(variable, default, description) for every setting, in declaration order."""
+    rows: list[tuple[str, str, str]] = []
+
+    def default_text(field: Any) -> str:
+        value = field.get_default(call_default_factory=True)
+        if isinstance(value, list):
+            return ",".join(str(item) for item in value)
+        if isinstance(value, SecretStr):
+            return "(empty)" if not value.get_secret_value() else "(set)"
+        return "(unset)" if value is None else str(value)
+
+    for name, field in Settings.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            for child, child_field in sub.model_fields.items():
+                env = ENV_PREFIX + name.upper() + ENV_NESTED_DELIMITER + child.upper()
+                rows.append((env, default_text(child_field), child_field.description or ""))
+        else:
+            rows.append((ENV_PREFIX + name.upper(), default_text(field), field.description or ""))
+    return rows
+
+
+def settings_markdown() -> str:
+    """The README's settings table, generated so it cannot drift from the model."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{env}` | `{default}` | {text} |" for env, default, text in settings_doc()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Records and decoders of factory telemetry."""
