@@ -57,9 +57,7 @@ class KafkaSettings(_Group):
     telemetry_topic: str = Field("telemetry", min_length=1, description="Source topic, key = device id.")
     dlq_topic: str = Field("telemetry-dlq", min_length=1, description="Dead-letter topic for rejected input.")
     alerts_topic: str = Field("telemetry-alerts", min_length=1, description="Topic for alerts.")
-    consumer_group: str = Field(
-        "millstream", min_length=1, description="Consumer group id; also the faust app id."
-    )
+    consumer_group: str = Field("millstream", min_length=1, description="Consumer group id; also the faust app id.")
     partitions: int = Field(
         4, ge=1, le=10_000, description="Partitions of the telemetry topic (changelogs must match)."
     )
@@ -201,9 +199,7 @@ class WindowSettings(_Group):
         default_factory=lambda: [60, 3600], description="Window sizes in seconds, comma-separated."
     )
     grace_s: float = Field(60.0, ge=0, le=86_400, description="How late a reading may be and still count.")
-    retention_windows: int = Field(
-        3, ge=1, le=1000, description="How many closed windows of each size a table keeps."
-    )
+    retention_windows: int = Field(3, ge=1, le=1000, description="How many closed windows of each size a table keeps.")
 
     _split = field_validator("sizes_s", mode="before")(_split_csv)
 
@@ -267,9 +263,7 @@ def _known_variables() -> set[str]:
         known.add(ENV_PREFIX + name.upper())
         sub = field.annotation
         if isinstance(sub, type) and issubclass(sub, BaseModel):
-            known.update(
-                ENV_PREFIX + name.upper() + ENV_NESTED_DELIMITER + child.upper() for child in sub.model_fields
-            )
+            known.update(ENV_PREFIX + name.upper() + ENV_NESTED_DELIMITER + child.upper() for child in sub.model_fields)
     return known
 
 

@@ -1,0 +1,64 @@
+"""The tansu broker behaves like Kafka where millstream relies on it: produce, group commit, resume."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from tests.support.servers import TansuBroker
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
+
+
+async def _consume(bootstrap: str, topic: str, group: str, count: int) -> list[bytes]:
+    """Read ``count`` messages as member of ``group``, commit them, leave the group."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+        auto_offset_reset="earliest", session_timeout_ms=10_000,
+    )  # fmt: skip
+    await consumer.start()
+    try:
+        values: list[bytes] = []
+        while len(values) < count:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=count - len(values))
+            for records in batch.values():
+                values.extend(r.value for r in records)
+        await consumer.commit()
+        return values
+    finally:
+        await consumer.stop()
+
+
+async def test_group_resumes_from_committed_offset(kafka_broker: TansuBroker) -> None:
+    topic, group = f"smoke-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
+    await producer.start()
+    try:
+        for i in range(20):
+            await producer.send_and_wait(topic, f"m{i}".encode(), key=b"k")
+    finally:
+        await producer.stop()
+
+    first = await _consume(kafka_broker.bootstrap, topic, group, 12)
+    assert first == [f"m{i}".encode() for i in range(12)]
+
+    # A new member of the same group starts at the committed offset, not at the beginning.
+    rest = await _consume(kafka_broker.bootstrap, topic, group, 8)
+    assert rest == [f"m{i}".encode() for i in range(12, 20)]
+
+    check = AIOKafkaConsumer(bootstrap_servers=kafka_broker.bootstrap, group_id=group)
+    await check.start()
+    try:
+        assert await check.committed(TopicPartition(topic, 0)) == 20
+    finally:
+        await check.stop()

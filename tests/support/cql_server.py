@@ -1,0 +1,1040 @@
+"""A CQL native-protocol v4 server for tests: the stand-in for ScyllaDB, which cannot run here.
+
+The real ``cassandra-driver`` talks to it over TCP. It implements:
+
+- the handshake: OPTIONS/SUPPORTED, STARTUP/READY, REGISTER; a client asking for a newer
+  protocol version gets the "unsupported protocol version" error and downgrades to v4;
+- ``system.local`` (cluster name, Murmur3 partitioner, one token, release_version 3.11.x,
+  schema_version), ``system.peers`` (empty), ``system.peers_v2`` (an error, as on Cassandra 3.x
+  and Scylla), and empty results for ``system_schema.*`` so the driver's metadata refresh succeeds;
+- QUERY, PREPARE, EXECUTE, BATCH (logged/unlogged, mixed string and prepared statements);
+- a CQL subset: CREATE/DROP KEYSPACE, CREATE/DROP TABLE (with ``IF [NOT] EXISTS`` and
+  ``CLUSTERING ORDER BY``), TRUNCATE, USE, INSERT, UPDATE ... SET ... WHERE <full key>,
+  DELETE FROM ... WHERE <full key>, SELECT cols|*|COUNT(*) ... [WHERE c = v AND ...] [LIMIT n];
+  INSERT and UPDATE are upserts on the primary key, as on a real server;
+- every bound value and literal is decoded and validated against its column's type; a wrong
+  one is an ``InvalidRequest`` error, as from a server; missing key columns are rejected;
+- fault injection switchable from a test (:class:`Faults`): write timeout, read timeout,
+  unavailable, overloaded, dropped connection, slow responses; for a number of requests or a
+  time span.
+
+It does not implement: authentication, compression, paging (all rows come in one page),
+TTL expiry, lightweight transactions (``IF NOT EXISTS`` on INSERT is ignored), counters,
+user-defined types, tuples, secondary indexes, materialized views, ``IN``/range restrictions,
+ORDER BY in SELECT, consistency levels (all accepted), several nodes, shard awareness,
+protocol v5 framing. Rows are kept in memory only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import re
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+# ---------------------------------------------------------------- protocol constants
+OP_ERROR, OP_STARTUP, OP_READY, OP_OPTIONS, OP_SUPPORTED = 0x00, 0x01, 0x02, 0x05, 0x06
+OP_QUERY, OP_RESULT, OP_PREPARE, OP_EXECUTE, OP_REGISTER, OP_BATCH = 0x07, 0x08, 0x09, 0x0A, 0x0B, 0x0D
+
+ERR_SERVER, ERR_PROTOCOL, ERR_UNAVAILABLE, ERR_OVERLOADED = 0x0000, 0x000A, 0x1000, 0x1001
+ERR_WRITE_TIMEOUT, ERR_READ_TIMEOUT, ERR_SYNTAX, ERR_INVALID = 0x1100, 0x1200, 0x2000, 0x2200
+ERR_ALREADY_EXISTS, ERR_UNPREPARED = 0x2400, 0x2500
+
+# type name -> (option id, fixed width or None)
+SIMPLE_TYPES: dict[str, tuple[int, int | None]] = {
+    "ascii": (0x0001, None), "bigint": (0x0002, 8), "blob": (0x0003, None), "boolean": (0x0004, 1),
+    "decimal": (0x0006, None), "double": (0x0007, 8), "float": (0x0008, 4), "int": (0x0009, 4),
+    "timestamp": (0x000B, 8), "uuid": (0x000C, 16), "text": (0x000D, None), "varchar": (0x000D, None),
+    "varint": (0x000E, None), "timeuuid": (0x000F, 16), "inet": (None, None), "date": (0x0011, 4),
+    "time": (0x0012, 8), "smallint": (0x0013, 2), "tinyint": (0x0014, 1),
+}  # fmt: skip
+SIMPLE_TYPES["inet"] = (0x0010, None)
+COLLECTIONS = {"list": 0x0020, "map": 0x0021, "set": 0x0022}
+
+
+class CqlError(Exception):
+    """An error the server answers with: code, message and the extra body some codes carry."""
+
+    def __init__(self, code: int, message: str, extra: bytes = b"") -> None:
+        super().__init__(message)
+        self.code, self.message, self.extra = code, message, extra
+
+
+def invalid(message: str) -> CqlError:
+    return CqlError(ERR_INVALID, message)
+
+
+# ---------------------------------------------------------------- wire encoding
+def _short(n: int) -> bytes:
+    return struct.pack(">H", n)
+
+
+def _int(n: int) -> bytes:
+    return struct.pack(">i", n)
+
+
+def _string(s: str) -> bytes:
+    raw = s.encode()
+    return _short(len(raw)) + raw
+
+
+def _bytes(b: bytes | None) -> bytes:
+    return _int(-1) if b is None else _int(len(b)) + b
+
+
+class Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise CqlError(ERR_PROTOCOL, "truncated message body")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def byte(self) -> int:
+        return self.take(1)[0]
+
+    def short(self) -> int:
+        return int(struct.unpack(">H", self.take(2))[0])
+
+    def int(self) -> int:
+        return int(struct.unpack(">i", self.take(4))[0])
+
+    def string(self) -> str:
+        return self.take(self.short()).decode()
+
+    def long_string(self) -> str:
+        return self.take(self.int()).decode()
+
+    def short_bytes(self) -> bytes:
+        return self.take(self.short())
+
+    def value(self) -> bytes | object | None:
+        n = self.int()
+        if n == -1:
+            return None
+        if n == -2:
+            return UNSET
+        return self.take(n)
+
+    def string_map(self) -> dict[str, str]:
+        return {self.string(): self.string() for _ in range(self.short())}
+
+
+UNSET = object()
+
+
+# ---------------------------------------------------------------- CQL types
+@dataclass(frozen=True)
+class CqlType:
+    name: str
+    params: tuple[CqlType, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.name}<{', '.join(map(str, self.params))}>" if self.params else self.name
+
+    def option(self) -> bytes:
+        if self.name in COLLECTIONS:
+            return _short(COLLECTIONS[self.name]) + b"".join(p.option() for p in self.params)
+        option_id = SIMPLE_TYPES[self.name][0]
+        assert option_id is not None
+        return _short(option_id)
+
+    def validate(self, raw: bytes, column: str) -> Any:
+        """Decode ``raw`` as this type, raising InvalidRequest the way a server does."""
+        if self.name in COLLECTIONS:
+            reader = Reader(raw)
+            try:
+                count = reader.int()
+                items = []
+                for _ in range(count * (2 if self.name == "map" else 1)):
+                    items.append(reader.value())
+            except CqlError:
+                raise invalid(f"Invalid {self.name} value for column {column}") from None
+            if reader.pos != len(raw) or any(not isinstance(i, bytes) for i in items):
+                raise invalid(f"Invalid {self.name} value for column {column}")
+            kinds = self.params * len(items) if self.name != "map" else self.params * count
+            return [kind.validate(item, column) for kind, item in zip(kinds, items, strict=False)]
+        width = SIMPLE_TYPES[self.name][1]
+        if width is not None and len(raw) != width:
+            raise invalid(f"Expected {width} or 0 byte {self.name} for column {column} ({len(raw)})")
+        if self.name in ("text", "varchar"):
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise invalid(f"Invalid UTF-8 bytes for column {column}") from None
+        if self.name == "ascii":
+            if not raw.isascii():
+                raise invalid(f"Invalid byte for ascii for column {column}")
+            return raw.decode()
+        if self.name in ("int", "bigint", "smallint", "tinyint", "timestamp", "time", "varint"):
+            return int.from_bytes(raw, "big", signed=True)
+        if self.name == "date":
+            return int.from_bytes(raw, "big", signed=False)
+        if self.name in ("double", "float"):
+            return struct.unpack(">d" if width == 8 else ">f", raw)[0]
+        if self.name == "boolean":
+            return raw != b"\x00"
+        if self.name in ("uuid", "timeuuid"):
+            return uuid.UUID(bytes=raw)
+        if self.name == "inet":
+            if len(raw) not in (4, 16):
+                raise invalid(f"Invalid inet value for column {column}")
+            return ipaddress.ip_address(raw)
+        return raw  # blob, decimal: any bytes
+
+    def encode_literal(self, token: Token, column: str) -> bytes:
+        """Turn a CQL literal into the value bytes, rejecting a literal of the wrong kind."""
+        kind, text = token.kind, token.text
+        ints = {"bigint": ">q", "int": ">i", "smallint": ">h", "tinyint": ">b", "timestamp": ">q"}
+
+        def reject() -> CqlError:
+            return invalid(f'Invalid {kind.upper()} constant ({text}) for "{column}" of type {self}')
+
+        if self.name in ints and kind == "integer":
+            try:
+                return struct.pack(ints[self.name], int(text))
+            except struct.error:
+                raise reject() from None
+        if self.name in ("double", "float") and kind in ("integer", "float"):
+            return struct.pack(">d" if self.name == "double" else ">f", float(text))
+        if self.name == "varint" and kind == "integer":
+            n = int(text)
+            return n.to_bytes(max(1, (n.bit_length() + 8) // 8), "big", signed=True)
+        if self.name in ("text", "varchar", "ascii") and kind == "string":
+            raw = text.encode()
+            if self.name == "ascii" and not raw.isascii():
+                raise reject()
+            return raw
+        if self.name == "boolean" and kind == "ident" and text.lower() in ("true", "false"):
+            return b"\x01" if text.lower() == "true" else b"\x00"
+        if self.name in ("uuid", "timeuuid") and kind in ("uuid",):
+            return uuid.UUID(text).bytes
+        if self.name == "timestamp" and kind == "string":
+            try:
+                from datetime import datetime
+
+                stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+                return struct.pack(">q", int(stamp.timestamp() * 1000))
+            except ValueError:
+                raise reject() from None
+        if self.name == "blob" and kind == "blob":
+            return bytes.fromhex(text[2:])
+        raise reject()
+
+
+def parse_type(tokens: Tokens) -> CqlType:
+    name = tokens.ident().lower()
+    if name == "frozen":
+        tokens.expect("<")
+        inner = parse_type(tokens)
+        tokens.expect(">")
+        return inner
+    if name in COLLECTIONS:
+        tokens.expect("<")
+        params = [parse_type(tokens)]
+        while tokens.accept(","):
+            params.append(parse_type(tokens))
+        tokens.expect(">")
+        if len(params) != (2 if name == "map" else 1):
+            raise CqlError(ERR_SYNTAX, f"bad number of type parameters for {name}")
+        return CqlType(name, tuple(params))
+    if name not in SIMPLE_TYPES:
+        raise CqlError(ERR_SYNTAX, f"Unknown type {name}")
+    return CqlType("text" if name == "varchar" else name)
+
+
+# ---------------------------------------------------------------- CQL tokenizer
+TOKEN_RE = re.compile(
+    r"""\s*(?:
+      (?P<string>'(?:[^']|'')*')
+    | (?P<uuid>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})
+    | (?P<blob>0[xX][0-9a-fA-F]*)
+    | (?P<float>-?(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|-?\d+[eE][+-]?\d+|NaN|-?Infinity)
+    | (?P<integer>-?\d+)
+    | (?P<qident>"(?:[^"]|"")+")
+    | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
+    | (?P<symbol>[(),;=*.?<>{}:\[\]+-])
+    )""",
+    re.VERBOSE,
+)
+
+
+@dataclass(frozen=True)
+class Token:
+    kind: str
+    text: str
+
+
+class Tokens:
+    def __init__(self, query: str) -> None:
+        self.items: list[Token] = []
+        pos, query = 0, query.strip().rstrip(";").strip()
+        while pos < len(query):
+            match = TOKEN_RE.match(query, pos)
+            if not match or match.end() == pos:
+                raise CqlError(ERR_SYNTAX, f"line 1:{pos} no viable alternative at input {query[pos : pos + 10]!r}")
+            kind = match.lastgroup or "symbol"
+            text = match.group(kind)
+            if kind == "string":
+                text = text[1:-1].replace("''", "'")
+            elif kind == "qident":
+                kind, text = "ident", text[1:-1].replace('""', '"')
+            self.items.append(Token(kind, text))
+            pos = match.end()
+        self.pos = 0
+        self.markers = 0
+
+    def peek(self, offset: int = 0) -> Token | None:
+        index = self.pos + offset
+        return self.items[index] if index < len(self.items) else None
+
+    def next(self) -> Token:
+        token = self.peek()
+        if token is None:
+            raise CqlError(ERR_SYNTAX, "unexpected end of statement")
+        self.pos += 1
+        return token
+
+    def accept(self, *words: str) -> bool:
+        for offset, word in enumerate(words):
+            token = self.peek(offset)
+            if token is None or token.text.lower() != word.lower() or token.kind not in ("ident", "symbol"):
+                return False
+        self.pos += len(words)
+        return True
+
+    def expect(self, *words: str) -> None:
+        if not self.accept(*words):
+            found = self.peek()
+            raise CqlError(ERR_SYNTAX, f"expected {' '.join(words)!r}, found {found.text if found else 'end'!r}")
+
+    def ident(self) -> str:
+        token = self.next()
+        if token.kind != "ident":
+            raise CqlError(ERR_SYNTAX, f"expected a name, found {token.text!r}")
+        return token.text
+
+    def done(self) -> bool:
+        return self.pos >= len(self.items)
+
+    def skip_rest(self) -> None:
+        self.pos = len(self.items)
+
+
+# ---------------------------------------------------------------- schema and data
+@dataclass
+class Table:
+    keyspace: str
+    name: str
+    columns: dict[str, CqlType]
+    partition_key: list[str]
+    clustering: list[str]
+    descending: set[str] = field(default_factory=set)
+    rows: dict[tuple[bytes, ...], dict[str, bytes]] = field(default_factory=dict)
+
+    @property
+    def primary_key(self) -> list[str]:
+        return self.partition_key + self.clustering
+
+    def column(self, name: str) -> CqlType:
+        key = name if name in self.columns else name.lower()
+        if key not in self.columns:
+            raise invalid(f"Undefined column name {name} in table {self.keyspace}.{self.name}")
+        return self.columns[key]
+
+    def sort_key(self, row: dict[str, bytes]) -> tuple[Any, ...]:
+        key: list[Any] = [tuple(row[c] for c in self.partition_key)]
+        for name in self.clustering:
+            value = self.columns[name].validate(row[name], name)
+            key.append(_Reverse(value) if name in self.descending else value)
+        return tuple(key)
+
+
+class _Reverse:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __lt__(self, other: _Reverse) -> bool:
+        return bool(other.value < self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Reverse) and other.value == self.value
+
+
+@dataclass
+class Prepared:
+    query: str
+    markers: list[tuple[str, CqlType]]  # (column, type) per bind marker, in order
+    table: Table | None
+    result_columns: list[tuple[str, CqlType]]
+
+
+@dataclass
+class Faults:
+    """Switchable fault injection. ``kind`` is one of KINDS; ``scope`` 'writes' or 'all'."""
+
+    KINDS = ("write_timeout", "read_timeout", "unavailable", "overloaded", "drop", "delay")
+    kind: str | None = None
+    remaining: int | None = None  # requests still to fail; None = no count limit
+    until: float | None = None  # monotonic deadline; None = no time limit
+    delay_s: float = 0.0
+    scope: str = "writes"
+    injected: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def inject(
+        self, kind: str, *, count: int | None = None, seconds: float | None = None,
+        delay_s: float = 0.0, scope: str = "writes",
+    ) -> None:  # fmt: skip
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown fault {kind!r}; one of {self.KINDS}")
+        with self.lock:
+            self.kind, self.remaining, self.delay_s, self.scope = kind, count, delay_s, scope
+            self.until = None if seconds is None else time.monotonic() + seconds
+
+    def clear(self) -> None:
+        with self.lock:
+            self.kind, self.remaining, self.until = None, None, None
+
+    def take(self, is_write: bool) -> tuple[str, float] | None:
+        """The fault to apply to this request, if any (and count it)."""
+        with self.lock:
+            if self.kind is None or (self.scope == "writes" and not is_write):
+                return None
+            if self.until is not None and time.monotonic() >= self.until:
+                self.kind = None
+                return None
+            if self.remaining is not None:
+                if self.remaining <= 0:
+                    self.kind = None
+                    return None
+                self.remaining -= 1
+            self.injected += 1
+            return self.kind, self.delay_s
+
+
+class DropConnection(Exception):
+    """Close the client's connection without answering."""
+
+
+# ---------------------------------------------------------------- the server
+SYSTEM_LOCAL = [
+    ("key", "text"), ("bootstrapped", "text"), ("broadcast_address", "inet"), ("cluster_name", "text"),
+    ("cql_version", "text"), ("data_center", "text"), ("host_id", "uuid"), ("listen_address", "inet"),
+    ("native_protocol_version", "text"), ("partitioner", "text"), ("rack", "text"),
+    ("release_version", "text"), ("rpc_address", "inet"), ("schema_version", "uuid"),
+    ("tokens", "set<text>"),
+]  # fmt: skip
+SYSTEM_PEERS = [
+    ("peer", "inet"), ("data_center", "text"), ("host_id", "uuid"), ("preferred_ip", "inet"),
+    ("rack", "text"), ("release_version", "text"), ("rpc_address", "inet"), ("schema_version", "uuid"),
+    ("tokens", "set<text>"),
+]  # fmt: skip
+
+
+class CqlServer:
+    """Run with ``start()`` (own thread and event loop) and ``stop()``; ``port`` after start."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host, self.port = host, port
+        self.keyspaces: dict[str, dict[str, Table]] = {}
+        self.prepared: dict[bytes, Prepared] = {}
+        self.faults = Faults()
+        self.schema_version = uuid.uuid4()
+        self.host_id = uuid.uuid4()
+        self.stats = {"requests": 0, "writes": 0, "rows_written": 0}
+        self._lock = threading.RLock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    # -- lifecycle
+    def start(self) -> CqlServer:
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, self.host, self.port))
+            self.port = self._server.sockets[0].getsockname()[1]
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="cql-server", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("CQL test server did not start")
+        return self
+
+    def stop(self) -> None:
+        loop, server = self._loop, self._server
+        if loop is None or server is None:
+            return
+
+        async def shutdown() -> None:
+            server.close()
+            for writer in list(self._writers):
+                writer.close()
+            await server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread:
+            self._thread.join(10)
+        self._loop = self._server = None
+
+    def drop_connections(self) -> None:
+        """Close every client connection now (the driver must reconnect)."""
+        if self._loop:
+            for writer in list(self._writers):
+                self._loop.call_soon_threadsafe(writer.close)
+
+    # -- test helpers
+    def rows(self, keyspace: str, table: str) -> list[dict[str, Any]]:
+        """Decoded rows of a table, for assertions."""
+        with self._lock:
+            t = self.keyspaces[keyspace][table]
+            return [{c: t.columns[c].validate(v, c) for c, v in row.items()} for row in t.rows.values()]
+
+    # -- connection handling
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        state: dict[str, str | None] = {"keyspace": None}
+        try:
+            while True:
+                header = await reader.readexactly(9)
+                version, _flags, stream, opcode, length = struct.unpack(">BBhBi", header)
+                body = await reader.readexactly(length)
+                if version & 0x7F != 4:
+                    message = f"Invalid or unsupported protocol version ({version & 0x7F}); supported: 4/v4"
+                    writer.write(self._frame(stream, OP_ERROR, _int(ERR_PROTOCOL) + _string(message)))
+                    await writer.drain()
+                    continue
+                try:
+                    opcode_out, payload = await self._handle(opcode, Reader(body), state)
+                except CqlError as err:
+                    opcode_out, payload = OP_ERROR, _int(err.code) + _string(err.message) + err.extra
+                except DropConnection:
+                    break
+                writer.write(self._frame(stream, opcode_out, payload))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    @staticmethod
+    def _frame(stream: int, opcode: int, body: bytes) -> bytes:
+        return struct.pack(">BBhBi", 0x84, 0, stream, opcode, len(body)) + body
+
+    async def _handle(self, opcode: int, body: Reader, state: dict[str, str | None]) -> tuple[int, bytes]:
+        self.stats["requests"] += 1
+        if opcode == OP_OPTIONS:
+            options = {"CQL_VERSION": ["3.4.4"], "COMPRESSION": []}
+            payload = _short(len(options)) + b"".join(
+                _string(k) + _short(len(v)) + b"".join(map(_string, v)) for k, v in options.items()
+            )
+            return OP_SUPPORTED, payload
+        if opcode == OP_STARTUP:
+            body.string_map()
+            return OP_READY, b""
+        if opcode == OP_REGISTER:
+            return OP_READY, b""
+        if opcode == OP_QUERY:
+            query = body.long_string()
+            values = self._read_params(body)
+            return await self._run(query, values, state, prepared=None)
+        if opcode == OP_PREPARE:
+            return OP_RESULT, self._prepare(body.long_string(), state)
+        if opcode == OP_EXECUTE:
+            query_id = body.short_bytes()
+            stmt = self.prepared.get(query_id)
+            if stmt is None:
+                raise CqlError(ERR_UNPREPARED, "Prepared query with ID not found", _short(len(query_id)) + query_id)
+            return await self._run(stmt.query, self._read_params(body), state, prepared=stmt)
+        if opcode == OP_BATCH:
+            return await self._batch(body, state)
+        raise CqlError(ERR_PROTOCOL, f"unsupported opcode {opcode:#x}")
+
+    @staticmethod
+    def _read_params(body: Reader) -> list[Any]:
+        body.short()  # consistency: every level is accepted
+        flags = body.byte()
+        values: list[Any] = []
+        if flags & 0x01:
+            for _ in range(body.short()):
+                if flags & 0x40:
+                    body.string()
+                values.append(body.value())
+        return values
+
+    async def _batch(self, body: Reader, state: dict[str, str | None]) -> tuple[int, bytes]:
+        body.byte()  # logged / unlogged / counter
+        statements: list[tuple[str, Prepared | None, list[Any]]] = []
+        for _ in range(body.short()):
+            if body.byte() == 0:
+                query, stmt = body.long_string(), None
+            else:
+                query_id = body.short_bytes()
+                stmt = self.prepared.get(query_id)
+                if stmt is None:
+                    raise CqlError(ERR_UNPREPARED, "Prepared query not found", _short(len(query_id)) + query_id)
+                query = stmt.query
+            statements.append((query, stmt, [body.value() for _ in range(body.short())]))
+        await self._maybe_fault(is_write=True, batch=True)
+        with self._lock:  # all-or-nothing: validate every statement before applying any
+            plans = [self._plan_write(q, s, v, state) for q, s, v in statements]
+            for apply in plans:
+                apply()
+        return OP_RESULT, _int(1)
+
+    async def _maybe_fault(self, is_write: bool, batch: bool = False) -> None:
+        fault = self.faults.take(is_write)
+        if fault is None:
+            return
+        kind, delay_s = fault
+        if kind == "delay":
+            await asyncio.sleep(delay_s)
+        elif kind == "drop":
+            raise DropConnection
+        elif kind == "write_timeout":
+            write_type = "BATCH" if batch else "SIMPLE"
+            raise CqlError(ERR_WRITE_TIMEOUT, "Operation timed out - received only 0 responses.",
+                           _short(0x0006) + _int(0) + _int(2) + _string(write_type))  # fmt: skip
+        elif kind == "read_timeout":
+            raise CqlError(ERR_READ_TIMEOUT, "Operation timed out - received only 0 responses.",
+                           _short(0x0006) + _int(0) + _int(2) + b"\x00")  # fmt: skip
+        elif kind == "unavailable":
+            raise CqlError(ERR_UNAVAILABLE, "Cannot achieve consistency level LOCAL_QUORUM",
+                           _short(0x0006) + _int(2) + _int(1))  # fmt: skip
+        elif kind == "overloaded":
+            raise CqlError(ERR_OVERLOADED, "Too many in flight hints / overloaded")
+
+    # -- statements
+    def _table(self, tokens: Tokens, state: dict[str, str | None]) -> Table:
+        keyspace, name = self._qualified(tokens, state)
+        if keyspace not in self.keyspaces:
+            raise invalid(f"Keyspace {keyspace} does not exist")
+        if name not in self.keyspaces[keyspace]:
+            raise invalid(f"unconfigured table {name}")
+        return self.keyspaces[keyspace][name]
+
+    @staticmethod
+    def _qualified(tokens: Tokens, state: dict[str, str | None]) -> tuple[str, str]:
+        first = tokens.ident()
+        if tokens.accept("."):
+            return first.lower(), tokens.ident().lower()
+        if state["keyspace"] is None:
+            raise invalid("No keyspace has been specified. USE a keyspace, or explicitly specify keyspace.tablename")
+        return state["keyspace"], first.lower()
+
+    def _value(self, tokens: Tokens, column: str, kind: CqlType, values: list[Any]) -> bytes | object | None:
+        token = tokens.next()
+        if token.text == "?" and token.kind == "symbol":
+            index = tokens.markers
+            tokens.markers += 1
+            if index >= len(values):
+                raise invalid(f"There were {tokens.markers} markers(?) in CQL but {len(values)} bound variables")
+            raw = values[index]
+            if isinstance(raw, bytes) and (raw or kind.name in ("text", "ascii", "blob")):
+                kind.validate(raw, column)
+            return raw
+        if token.kind == "ident" and token.text.lower() == "null":
+            return None
+        return kind.encode_literal(token, column)
+
+    def _prepare(self, query: str, state: dict[str, str | None]) -> bytes:
+        markers: list[tuple[str, CqlType]] = []
+        table: Table | None = None
+        with self._lock:
+            tokens = Tokens(query)
+            verb = tokens.ident().lower()
+            if verb == "insert":
+                tokens.expect("into")
+                table = self._table(tokens, state)
+                columns = self._name_list(tokens)
+                tokens.expect("values", "(")
+                for column in columns:
+                    token = tokens.next()
+                    if token.text == "?":
+                        markers.append((column, table.column(column)))
+                    tokens.accept(",")
+            elif verb in ("update", "delete", "select"):
+                if verb == "update":
+                    table = self._table(tokens, state)
+                else:
+                    while not tokens.accept("from"):
+                        tokens.next()
+                    table = self._table(tokens, state)
+                last_column = ""
+                while not tokens.done():
+                    token = tokens.next()
+                    if token.kind == "ident" and token.text.lower() in table.columns:
+                        last_column = token.text.lower()
+                    elif token.text == "?":
+                        markers.append((last_column, table.column(last_column)))
+            else:
+                raise invalid(f"cannot prepare {verb.upper()} in the test server")
+            result_columns = self._select_columns(query, table, state) if verb == "select" else []
+        query_id = uuid.uuid5(uuid.NAMESPACE_OID, (state["keyspace"] or "") + query).bytes
+        self.prepared[query_id] = Prepared(query, markers, table, result_columns)
+        assert table is not None
+        pk_index = [i for pk in table.partition_key for i, (c, _) in enumerate(markers) if c == pk][:]
+        if len(pk_index) != len(table.partition_key):
+            pk_index = []
+        meta = _int(1) + _int(len(markers)) + _int(len(pk_index)) + b"".join(_short(i) for i in pk_index)
+        meta += _string(table.keyspace) + _string(table.name)
+        meta += b"".join(_string(c) + t.option() for c, t in markers)
+        return _int(4) + _short(len(query_id)) + query_id + meta + self._rows_meta(table, result_columns)
+
+    @staticmethod
+    def _rows_meta(table: Table | None, columns: list[tuple[str, CqlType]]) -> bytes:
+        if not columns:
+            return _int(0x0004) + _int(0)
+        keyspace, name = (table.keyspace, table.name) if table else ("system", "local")
+        specs = b"".join(_string(c) + t.option() for c, t in columns)
+        return _int(0x0001) + _int(len(columns)) + _string(keyspace) + _string(name) + specs
+
+    def _select_columns(self, query: str, table: Table | None, state: dict[str, str | None]) -> list[
+        tuple[str, CqlType]]:  # fmt: skip
+        tokens = Tokens(query)
+        tokens.expect("select")
+        if tokens.accept("count", "(", "*", ")"):
+            return [("count", CqlType("bigint"))]
+        if tokens.accept("*"):
+            assert table is not None
+            return list(table.columns.items())
+        names = self._bare_name_list(tokens)
+        assert table is not None
+        return [(n.lower(), table.column(n)) for n in names]
+
+    @staticmethod
+    def _name_list(tokens: Tokens) -> list[str]:
+        tokens.expect("(")
+        names = [tokens.ident().lower()]
+        while tokens.accept(","):
+            names.append(tokens.ident().lower())
+        tokens.expect(")")
+        return names
+
+    @staticmethod
+    def _bare_name_list(tokens: Tokens) -> list[str]:
+        names = [tokens.ident()]
+        while tokens.accept(","):
+            names.append(tokens.ident())
+        return names
+
+    async def _run(self, query: str, values: list[Any], state: dict[str, str | None],
+                   prepared: Prepared | None) -> tuple[int, bytes]:  # fmt: skip
+        verb = query.lstrip().split(None, 1)[0].lower() if query.strip() else ""
+        if verb in ("insert", "update", "delete"):
+            await self._maybe_fault(is_write=True)
+            with self._lock:
+                self._plan_write(query, prepared, values, state)()
+            return OP_RESULT, _int(1)
+        if verb == "select":
+            lowered = " ".join(query.lower().split())
+            if "from system." in lowered or "from system_schema." in lowered or "system_virtual" in lowered:
+                return OP_RESULT, self._system_select(lowered)
+            await self._maybe_fault(is_write=False)
+            with self._lock:
+                return OP_RESULT, self._select(query, values, state)
+        with self._lock:
+            return OP_RESULT, self._ddl(query, state)
+
+    def _plan_write(self, query: str, prepared: Prepared | None, values: list[Any],
+                    state: dict[str, str | None]) -> Any:  # fmt: skip
+        """Parse and validate a write; return a function that applies it."""
+        tokens = Tokens(query)
+        verb = tokens.ident().lower()
+        assignments: dict[str, bytes | object | None] = {}
+        if verb == "insert":
+            tokens.expect("into")
+            table = self._table(tokens, state)
+            columns = self._name_list(tokens)
+            tokens.expect("values", "(")
+            for i, column in enumerate(columns):
+                if i:
+                    tokens.expect(",")
+                assignments[column] = self._value(tokens, column, table.column(column), values)
+            tokens.expect(")")
+            key = assignments
+        elif verb == "update":
+            table = self._table(tokens, state)
+            if tokens.accept("using"):
+                while not tokens.accept("set"):
+                    tokens.next()
+            else:
+                tokens.expect("set")
+            while True:
+                column = tokens.ident().lower()
+                tokens.expect("=")
+                assignments[column] = self._value(tokens, column, table.column(column), values)
+                if not tokens.accept(","):
+                    break
+            tokens.expect("where")
+            key = self._where(tokens, table, values)
+        elif verb == "delete":
+            tokens.expect("from")
+            table = self._table(tokens, state)
+            tokens.expect("where")
+            key = self._where(tokens, table, values)
+        else:
+            raise CqlError(ERR_SYNTAX, f"unsupported write {verb}")
+        for pk in table.partition_key:
+            if pk not in key:
+                raise invalid(f"Some partition key parts are missing: {pk}")
+        for ck in table.clustering:
+            if ck not in key:
+                raise invalid(f"Some clustering keys are missing: {ck}")
+        for column in table.primary_key:
+            if not isinstance(key[column], bytes):
+                raise invalid(f"Invalid null value in condition for column {column}")
+            if verb == "update" and column in assignments and column not in table.primary_key:
+                pass
+        if verb == "update":
+            for column in assignments:
+                if column in table.primary_key:
+                    raise invalid(f"PRIMARY KEY part {column} found in SET part")
+        row_key = tuple(key[c] for c in table.primary_key)  # type: ignore[misc]
+
+        def apply() -> None:
+            self.stats["writes"] += 1
+            if verb == "delete":
+                table.rows.pop(row_key, None)
+                return
+            self.stats["rows_written"] += 1
+            row = table.rows.setdefault(row_key, {c: key[c] for c in table.primary_key})  # type: ignore[misc]
+            for column, value in assignments.items():
+                if value is None:
+                    row.pop(column, None)
+                elif value is not UNSET:
+                    row[column] = value  # type: ignore[assignment]
+
+        return apply
+
+    def _where(self, tokens: Tokens, table: Table, values: list[Any]) -> dict[str, Any]:
+        conditions: dict[str, Any] = {}
+        while True:
+            column = tokens.ident().lower()
+            if not tokens.accept("="):
+                raise invalid("only equality restrictions are supported by the test server")
+            conditions[column] = self._value(tokens, column, table.column(column), values)
+            if not tokens.accept("and"):
+                break
+        return conditions
+
+    def _select(self, query: str, values: list[Any], state: dict[str, str | None]) -> bytes:
+        tokens = Tokens(query)
+        tokens.expect("select")
+        while not tokens.accept("from"):
+            tokens.next()
+        table = self._table(tokens, state)
+        columns = self._select_columns(query, table, state)
+        conditions: dict[str, Any] = {}
+        limit: int | None = None
+        if tokens.accept("where"):
+            conditions = self._where(tokens, table, values)
+        if tokens.accept("limit"):
+            limit = int(tokens.next().text)
+        tokens.accept("allow", "filtering")
+        rows = [r for r in table.rows.values() if all(r.get(c) == v for c, v in conditions.items())]
+        rows.sort(key=table.sort_key)
+        if Tokens(query).accept("select", "count", "(", "*", ")"):
+            encoded = [[struct.pack(">q", len(rows))]]
+        else:
+            encoded = [[r.get(c) for c, _ in columns] for r in rows[:limit]]
+        return self._rows(table, columns, encoded)
+
+    def _rows(self, table: Table | None, columns: list[tuple[str, CqlType]],
+              rows: list[list[bytes | None]]) -> bytes:  # fmt: skip
+        meta = self._rows_meta(table, columns)
+        body = b"".join(_bytes(v) for row in rows for v in row)
+        return _int(2) + meta + _int(len(rows)) + body
+
+    def _system_select(self, lowered: str) -> bytes:
+        def typed(spec: list[tuple[str, str]]) -> list[tuple[str, CqlType]]:
+            out = []
+            for name, kind in spec:
+                out.append((name, CqlType("set", (CqlType("text"),)) if kind == "set<text>" else CqlType(kind)))
+            return out
+
+        system = Table("system", "local", {}, [], [])
+        if "from system.local" in lowered:
+            columns = typed(SYSTEM_LOCAL)
+            ip = ipaddress.ip_address(self.host).packed
+            values = {
+                "key": b"local", "bootstrapped": b"COMPLETED", "broadcast_address": ip,
+                "cluster_name": b"millstream-test", "cql_version": b"3.4.4", "data_center": b"datacenter1",
+                "host_id": self.host_id.bytes, "listen_address": ip, "native_protocol_version": b"4",
+                "partitioner": b"org.apache.cassandra.dht.Murmur3Partitioner", "rack": b"rack1",
+                "release_version": b"3.11.4", "rpc_address": ip, "schema_version": self.schema_version.bytes,
+                "tokens": _int(1) + _bytes(b"0"),
+            }  # fmt: skip
+            wanted = self._system_columns(lowered, columns)
+            return self._rows(system, wanted, [[values[c] for c, _ in wanted]])
+        if "from system.peers_v2" in lowered:
+            raise invalid("unconfigured table peers_v2")
+        if "from system.peers" in lowered:
+            system.name = "peers"
+            return self._rows(system, self._system_columns(lowered, typed(SYSTEM_PEERS)), [])
+        # system_schema.*: no metadata rows to report (the driver needs at least one column spec)
+        return self._rows(system, [("keyspace_name", CqlType("text"))], [])
+
+    @staticmethod
+    def _system_columns(lowered: str, columns: list[tuple[str, CqlType]]) -> list[tuple[str, CqlType]]:
+        selected = lowered.split("select", 1)[1].split(" from ", 1)[0].strip()
+        if selected == "*":
+            return columns
+        names = [n.strip() for n in selected.split(",")]
+        by_name = dict(columns)
+        return [(n, by_name.get(n, CqlType("text"))) for n in names]
+
+    def _ddl(self, query: str, state: dict[str, str | None]) -> bytes:
+        tokens = Tokens(query)
+        if tokens.accept("use"):
+            keyspace = tokens.ident().lower()
+            if keyspace not in self.keyspaces:
+                raise invalid(f"Keyspace '{keyspace}' does not exist")
+            state["keyspace"] = keyspace
+            return _int(3) + _string(keyspace)
+        if tokens.accept("create", "keyspace"):
+            if_not = tokens.accept("if", "not", "exists")
+            keyspace = tokens.ident().lower()
+            tokens.expect("with")
+            if "replication" not in query.lower() or "class" not in query.lower():
+                raise CqlError(ERR_SYNTAX, "Missing mandatory replication strategy class")
+            tokens.skip_rest()
+            if keyspace in self.keyspaces:
+                if if_not:
+                    return _int(1)
+                raise CqlError(ERR_ALREADY_EXISTS, f"Keyspace {keyspace} already exists",
+                               _string(keyspace) + _string(""))  # fmt: skip
+            self.keyspaces[keyspace] = {}
+            return self._schema_change("CREATED", "KEYSPACE", keyspace)
+        if tokens.accept("create", "table") or tokens.accept("create", "columnfamily"):
+            if_not = tokens.accept("if", "not", "exists")
+            keyspace, name = self._qualified(tokens, state)
+            if keyspace not in self.keyspaces:
+                raise invalid(f"Keyspace {keyspace} doesn't exist")
+            table = self._parse_table(tokens, keyspace, name)
+            if name in self.keyspaces[keyspace]:
+                if if_not:
+                    return _int(1)
+                raise CqlError(ERR_ALREADY_EXISTS, f"Table {keyspace}.{name} already exists",
+                               _string(keyspace) + _string(name))  # fmt: skip
+            self.keyspaces[keyspace][name] = table
+            return self._schema_change("CREATED", "TABLE", keyspace, name)
+        if tokens.accept("drop", "table"):
+            if_exists = tokens.accept("if", "exists")
+            keyspace, name = self._qualified(tokens, state)
+            if name not in self.keyspaces.get(keyspace, {}):
+                if if_exists:
+                    return _int(1)
+                raise invalid(f"Table '{keyspace}.{name}' doesn't exist")
+            del self.keyspaces[keyspace][name]
+            return self._schema_change("DROPPED", "TABLE", keyspace, name)
+        if tokens.accept("drop", "keyspace"):
+            if_exists = tokens.accept("if", "exists")
+            keyspace = tokens.ident().lower()
+            if keyspace not in self.keyspaces:
+                if if_exists:
+                    return _int(1)
+                raise invalid(f"Keyspace '{keyspace}' doesn't exist")
+            del self.keyspaces[keyspace]
+            return self._schema_change("DROPPED", "KEYSPACE", keyspace)
+        if tokens.accept("truncate"):
+            tokens.accept("table")
+            self._table(tokens, state).rows.clear()
+            return _int(1)
+        raise CqlError(ERR_SYNTAX, f"the test server does not support: {query[:60]}")
+
+    def _schema_change(self, change: str, target: str, keyspace: str, name: str | None = None) -> bytes:
+        self.schema_version = uuid.uuid4()
+        body = _int(5) + _string(change) + _string(target) + _string(keyspace)
+        return body + (_string(name) if name is not None else b"")
+
+    @staticmethod
+    def _parse_table(tokens: Tokens, keyspace: str, name: str) -> Table:
+        columns: dict[str, CqlType] = {}
+        partition: list[str] = []
+        clustering: list[str] = []
+        tokens.expect("(")
+        while True:
+            if tokens.accept("primary", "key"):
+                tokens.expect("(")
+                if tokens.accept("("):
+                    partition = [tokens.ident().lower()]
+                    while tokens.accept(","):
+                        partition.append(tokens.ident().lower())
+                    tokens.expect(")")
+                else:
+                    partition = [tokens.ident().lower()]
+                while tokens.accept(","):
+                    clustering.append(tokens.ident().lower())
+                tokens.expect(")")
+            else:
+                column = tokens.ident().lower()
+                columns[column] = parse_type(tokens)
+                if tokens.accept("primary", "key"):
+                    partition = [column]
+            if not tokens.accept(","):
+                break
+        tokens.expect(")")
+        if not partition:
+            raise invalid("No PRIMARY KEY specifed (exactly one required)")
+        for key in partition + clustering:
+            if key not in columns:
+                raise invalid(f"Unknown definition {key} referenced in PRIMARY KEY")
+            if columns[key].name in COLLECTIONS:
+                raise invalid(f"Invalid collection type for PRIMARY KEY component {key}")
+        descending: set[str] = set()
+        if tokens.accept("with"):
+            while not tokens.done():
+                if tokens.accept("clustering", "order", "by", "("):
+                    while True:
+                        column = tokens.ident().lower()
+                        if column not in clustering:
+                            raise invalid(f"Missing CLUSTERING ORDER for column {column}")
+                        if tokens.accept("desc"):
+                            descending.add(column)
+                        else:
+                            tokens.accept("asc")
+                        if not tokens.accept(","):
+                            break
+                    tokens.expect(")")
+                else:
+                    tokens.next()
+        return Table(keyspace, name, columns, partition, clustering, descending)
+
+
+def main() -> None:
+    """Run the server in the foreground: ``python -m tests.support.cql_server --port 19042``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=19042)
+    args = parser.parse_args()
+    server = CqlServer(args.host, args.port).start()
+    print(f"CQL test server on {server.host}:{server.port}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

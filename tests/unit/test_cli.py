@@ -1,0 +1,52 @@
+"""The console script as a user runs it: a subprocess, its output and exit code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from app.settings import settings_markdown
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MILLSTREAM_")}
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=60,
+        env={**clean, **env}, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_help_lists_the_subcommands() -> None:
+    result = _run("--help")
+    assert result.returncode == 0
+    for command in ("worker", "settings"):
+        assert command in result.stdout
+
+
+def test_bad_setting_stops_the_worker_with_one_line() -> None:
+    result = _run("worker", MILLSTREAM_KAFKA__PARTITIONS="-1", MILLSTREAM_KAFKA__SASL_PASSWORD="s3cr3t-value")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "millstream: invalid setting MILLSTREAM_KAFKA__PARTITIONS: Input should be greater than or equal to 1"
+    ]
+    assert "s3cr3t-value" not in result.stderr + result.stdout
+
+
+def test_settings_prints_effective_values_with_secrets_masked() -> None:
+    result = _run("settings", MILLSTREAM_CLICKHOUSE__PASSWORD="s3cr3t-value", MILLSTREAM_WEB_PORT="7000")
+    assert result.returncode == 0, result.stderr
+    assert '"web_port": 7000' in result.stdout
+    assert "s3cr3t-value" not in result.stdout
+    assert "**********" in result.stdout
+
+
+def test_readme_settings_table_matches_the_model() -> None:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- settings:begin -->") + len("<!-- settings:begin -->\n")
+    end = readme.index("<!-- settings:end -->")
+    assert readme[start:end] == settings_markdown(), "run: millstream settings --markdown"
