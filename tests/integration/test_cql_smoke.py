@@ -147,3 +147,15 @@ def test_slow_response_times_out(session: Session, cql_faults: CqlServer) -> Non
     cql_faults.faults.inject("delay", delay_s=1.5, count=1)
     with pytest.raises(OperationTimedOut):
         session.execute(insert, ("d1", "temperature", 60, T0, 1, 1.0), timeout=0.5)
+
+
+def test_write_timestamps_decide_which_write_wins(session: Session) -> None:
+    """USING TIMESTAMP: an older write that arrives late does not overwrite a newer one."""
+    upsert = session.prepare(INSERT + " USING TIMESTAMP ?")
+    session.execute(upsert, ("d1", "temperature", 60, T0, 5, 50.0, 200))
+    session.execute(upsert, ("d1", "temperature", 60, T0, 3, 30.0, 100))  # a zombie's late write
+    row = session.execute("SELECT count, total FROM smoke.windows").one()
+    assert (row.count, row.total) == (5, 50.0)
+    session.execute(upsert, ("d1", "temperature", 60, T0, 7, 70.0, 300))
+    row = session.execute("SELECT count, total FROM smoke.windows").one()
+    assert (row.count, row.total) == (7, 70.0)

@@ -11,7 +11,9 @@ The real ``cassandra-driver`` talks to it over TCP. It implements:
 - a CQL subset: CREATE/DROP KEYSPACE, CREATE/DROP TABLE (with ``IF [NOT] EXISTS`` and
   ``CLUSTERING ORDER BY``), TRUNCATE, USE, INSERT, UPDATE ... SET ... WHERE <full key>,
   DELETE FROM ... WHERE <full key>, SELECT cols|*|COUNT(*) ... [WHERE c = v AND ...] [LIMIT n];
-  INSERT and UPDATE are upserts on the primary key, as on a real server;
+  INSERT and UPDATE are upserts on the primary key, as on a real server, and every cell keeps
+  its write timestamp (``USING TIMESTAMP``, else the client's default timestamp, else server
+  time): a write older than the cell's timestamp is ignored (last write wins);
 - every bound value and literal is decoded and validated against its column's type; a wrong
   one is an ``InvalidRequest`` error, as from a server; missing key columns are rejected;
 - fault injection switchable from a test (:class:`Faults`): write timeout, read timeout,
@@ -19,7 +21,7 @@ The real ``cassandra-driver`` talks to it over TCP. It implements:
   time span.
 
 It does not implement: authentication, compression, paging (all rows come in one page),
-TTL expiry, lightweight transactions (``IF NOT EXISTS`` on INSERT is ignored), counters,
+TTL expiry, lightweight transactions (``IF NOT EXISTS`` on INSERT is ignored), counters, range tombstones,
 user-defined types, tuples, secondary indexes, materialized views, ``IN``/range restrictions,
 ORDER BY in SELECT, consistency levels (all accepted), several nodes, shard awareness,
 protocol v5 framing. Rows are kept in memory only.
@@ -340,6 +342,7 @@ class Table:
     clustering: list[str]
     descending: set[str] = field(default_factory=set)
     rows: dict[tuple[bytes, ...], dict[str, bytes]] = field(default_factory=dict)
+    stamps: dict[tuple[bytes, ...], dict[str, int]] = field(default_factory=dict)  # write time per cell
 
     @property
     def primary_key(self) -> list[str]:
@@ -554,8 +557,8 @@ class CqlServer:
             return OP_READY, b""
         if opcode == OP_QUERY:
             query = body.long_string()
-            values = self._read_params(body)
-            return await self._run(query, values, state, prepared=None)
+            values, timestamp = self._read_params(body)
+            return await self._run(query, values, state, None, timestamp)
         if opcode == OP_PREPARE:
             return OP_RESULT, self._prepare(body.long_string(), state)
         if opcode == OP_EXECUTE:
@@ -563,13 +566,15 @@ class CqlServer:
             stmt = self.prepared.get(query_id)
             if stmt is None:
                 raise CqlError(ERR_UNPREPARED, "Prepared query with ID not found", _short(len(query_id)) + query_id)
-            return await self._run(stmt.query, self._read_params(body), state, prepared=stmt)
+            values, timestamp = self._read_params(body)
+            return await self._run(stmt.query, values, state, stmt, timestamp)
         if opcode == OP_BATCH:
             return await self._batch(body, state)
         raise CqlError(ERR_PROTOCOL, f"unsupported opcode {opcode:#x}")
 
     @staticmethod
-    def _read_params(body: Reader) -> list[Any]:
+    def _read_params(body: Reader) -> tuple[list[Any], int | None]:
+        """Bound values and the client-side default timestamp, if sent."""
         body.short()  # consistency: every level is accepted
         flags = body.byte()
         values: list[Any] = []
@@ -578,7 +583,14 @@ class CqlServer:
                 if flags & 0x40:
                     body.string()
                 values.append(body.value())
-        return values
+        if flags & 0x04:
+            body.int()  # page size: all rows come in one page
+        if flags & 0x08:
+            body.take(max(body.int(), 0))
+        if flags & 0x10:
+            body.short()
+        timestamp = struct.unpack(">q", body.take(8))[0] if flags & 0x20 else None
+        return values, timestamp
 
     async def _batch(self, body: Reader, state: dict[str, str | None]) -> tuple[int, bytes]:
         body.byte()  # logged / unlogged / counter
@@ -593,9 +605,14 @@ class CqlServer:
                     raise CqlError(ERR_UNPREPARED, "Prepared query not found", _short(len(query_id)) + query_id)
                 query = stmt.query
             statements.append((query, stmt, [body.value() for _ in range(body.short())]))
+        body.short()  # consistency
+        flags = body.byte()
+        if flags & 0x10:
+            body.short()
+        timestamp = struct.unpack(">q", body.take(8))[0] if flags & 0x20 else None
         await self._maybe_fault(is_write=True, batch=True)
         with self._lock:  # all-or-nothing: validate every statement before applying any
-            plans = [self._plan_write(q, s, v, state) for q, s, v in statements]
+            plans = [self._plan_write(q, s, v, state, timestamp) for q, s, v in statements]
             for apply in plans:
                 apply()
         return OP_RESULT, _int(1)
@@ -671,6 +688,12 @@ class CqlServer:
                     if token.text == "?":
                         markers.append((column, table.column(column)))
                     tokens.accept(",")
+                previous = ""
+                while not tokens.done():  # USING TIMESTAMP ? / TTL ?
+                    token = tokens.next()
+                    if token.text == "?":
+                        markers.append(self._using_marker(previous))
+                    previous = token.text.lower()
             elif verb in ("update", "delete", "select"):
                 if verb == "update":
                     table = self._table(tokens, state)
@@ -683,8 +706,12 @@ class CqlServer:
                     token = tokens.next()
                     if token.kind == "ident" and token.text.lower() in table.columns:
                         last_column = token.text.lower()
+                    elif token.text == "?" and last_column in ("", "timestamp", "ttl"):
+                        markers.append(self._using_marker(last_column))
                     elif token.text == "?":
                         markers.append((last_column, table.column(last_column)))
+                    elif token.kind == "ident" and token.text.lower() in ("timestamp", "ttl"):
+                        last_column = token.text.lower()
             else:
                 raise invalid(f"cannot prepare {verb.upper()} in the test server")
             result_columns = self._select_columns(query, table, state) if verb == "select" else []
@@ -698,6 +725,14 @@ class CqlServer:
         meta += _string(table.keyspace) + _string(table.name)
         meta += b"".join(_string(c) + t.option() for c, t in markers)
         return _int(4) + _short(len(query_id)) + query_id + meta + self._rows_meta(table, result_columns)
+
+    @staticmethod
+    def _using_marker(previous: str) -> tuple[str, CqlType]:
+        if previous == "timestamp":
+            return "[timestamp]", CqlType("bigint")
+        if previous == "ttl":
+            return "[ttl]", CqlType("int")
+        raise CqlError(ERR_SYNTAX, "bind marker outside VALUES/SET/WHERE/USING")
 
     @staticmethod
     def _rows_meta(table: Table | None, columns: list[tuple[str, CqlType]]) -> bytes:
@@ -736,13 +771,15 @@ class CqlServer:
             names.append(tokens.ident())
         return names
 
-    async def _run(self, query: str, values: list[Any], state: dict[str, str | None],
-                   prepared: Prepared | None) -> tuple[int, bytes]:  # fmt: skip
+    async def _run(
+        self, query: str, values: list[Any], state: dict[str, str | None], prepared: Prepared | None,
+        timestamp: int | None,
+    ) -> tuple[int, bytes]:  # fmt: skip
         verb = query.lstrip().split(None, 1)[0].lower() if query.strip() else ""
         if verb in ("insert", "update", "delete"):
             await self._maybe_fault(is_write=True)
             with self._lock:
-                self._plan_write(query, prepared, values, state)()
+                self._plan_write(query, prepared, values, state, timestamp)()
             return OP_RESULT, _int(1)
         if verb == "select":
             lowered = " ".join(query.lower().split())
@@ -754,12 +791,15 @@ class CqlServer:
         with self._lock:
             return OP_RESULT, self._ddl(query, state)
 
-    def _plan_write(self, query: str, prepared: Prepared | None, values: list[Any],
-                    state: dict[str, str | None]) -> Any:  # fmt: skip
+    def _plan_write(
+        self, query: str, prepared: Prepared | None, values: list[Any], state: dict[str, str | None],
+        default_timestamp: int | None,
+    ) -> Any:  # fmt: skip
         """Parse and validate a write; return a function that applies it."""
         tokens = Tokens(query)
         verb = tokens.ident().lower()
         assignments: dict[str, bytes | object | None] = {}
+        using: int | None = None
         if verb == "insert":
             tokens.expect("into")
             table = self._table(tokens, state)
@@ -771,13 +811,15 @@ class CqlServer:
                 assignments[column] = self._value(tokens, column, table.column(column), values)
             tokens.expect(")")
             key = assignments
+            if tokens.accept("if", "not", "exists"):
+                pass  # lightweight transactions are not implemented: a plain upsert
+            if tokens.accept("using"):
+                using = self._using(tokens, values)
         elif verb == "update":
             table = self._table(tokens, state)
             if tokens.accept("using"):
-                while not tokens.accept("set"):
-                    tokens.next()
-            else:
-                tokens.expect("set")
+                using = self._using(tokens, values)
+            tokens.expect("set")
             while True:
                 column = tokens.ident().lower()
                 tokens.expect("=")
@@ -789,6 +831,8 @@ class CqlServer:
         elif verb == "delete":
             tokens.expect("from")
             table = self._table(tokens, state)
+            if tokens.accept("using"):
+                using = self._using(tokens, values)
             tokens.expect("where")
             key = self._where(tokens, table, values)
         else:
@@ -809,21 +853,52 @@ class CqlServer:
                 if column in table.primary_key:
                     raise invalid(f"PRIMARY KEY part {column} found in SET part")
         row_key = tuple(key[c] for c in table.primary_key)  # type: ignore[misc]
+        stamp = using if using is not None else default_timestamp
+        if stamp is None:
+            stamp = time.time_ns() // 1000  # server-side write time, microseconds
 
         def apply() -> None:
+            # Last write wins per cell by write timestamp, as on Cassandra/Scylla.
             self.stats["writes"] += 1
+            stamps = table.stamps.setdefault(row_key, {})
             if verb == "delete":
-                table.rows.pop(row_key, None)
+                row = table.rows.get(row_key, {})
+                for column in [c for c in row if c not in table.primary_key and stamps.get(c, -1) <= stamp]:
+                    del row[column]
+                if row and all(c in table.primary_key for c in row) and stamps.get("", -1) <= stamp:
+                    del table.rows[row_key]
+                    del table.stamps[row_key]
                 return
             self.stats["rows_written"] += 1
             row = table.rows.setdefault(row_key, {c: key[c] for c in table.primary_key})  # type: ignore[misc]
+            if verb == "insert":
+                stamps[""] = max(stamps.get("", -1), stamp)  # the row marker
             for column, value in assignments.items():
+                if column in table.primary_key or value is UNSET or stamps.get(column, -1) > stamp:
+                    continue
+                stamps[column] = stamp
                 if value is None:
                     row.pop(column, None)
-                elif value is not UNSET:
+                else:
                     row[column] = value  # type: ignore[assignment]
 
         return apply
+
+    def _using(self, tokens: Tokens, values: list[Any]) -> int | None:
+        """``USING TIMESTAMP t [AND TTL n]``: the write timestamp (TTL is accepted, not enforced)."""
+        stamp: int | None = None
+        while True:
+            if tokens.accept("timestamp"):
+                raw = self._value(tokens, "[timestamp]", CqlType("bigint"), values)
+                if not isinstance(raw, bytes):
+                    raise invalid("Invalid null value of timestamp")
+                stamp = int.from_bytes(raw, "big", signed=True)
+            elif tokens.accept("ttl"):
+                self._value(tokens, "[ttl]", CqlType("int"), values)
+            else:
+                raise CqlError(ERR_SYNTAX, "expected TIMESTAMP or TTL after USING")
+            if not tokens.accept("and"):
+                return stamp
 
     def _where(self, tokens: Tokens, table: Table, values: list[Any]) -> dict[str, Any]:
         conditions: dict[str, Any] = {}
@@ -957,7 +1032,9 @@ class CqlServer:
             return self._schema_change("DROPPED", "KEYSPACE", keyspace)
         if tokens.accept("truncate"):
             tokens.accept("table")
-            self._table(tokens, state).rows.clear()
+            truncated = self._table(tokens, state)
+            truncated.rows.clear()
+            truncated.stamps.clear()
             return _int(1)
         raise CqlError(ERR_SYNTAX, f"the test server does not support: {query[:60]}")
 

@@ -1,0 +1,41 @@
+"""Every Prometheus metric millstream exports, named ``millstream_<noun>_<unit>``.
+
+Served at ``/metrics`` on the worker's web port. Labels stay low-cardinality: no device ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Kafka messages taken from the source topic, by outcome (processed, rejected, replayed).
+MESSAGES = Counter("millstream_messages_total", "Source messages handled, by outcome", ["outcome"])
+# Readings decoded from valid messages (a batched message holds many).
+READINGS = Counter("millstream_readings_total", "Readings decoded from valid messages")
+# Messages rejected at the decode boundary, by reason code.
+REJECTS = Counter("millstream_rejects_total", "Messages rejected to the DLQ, by reason", ["reason"])
+# Messages written to the dead-letter topic.
+DLQ_MESSAGES = Counter("millstream_dlq_messages_total", "Messages produced to the dead-letter topic")
+# Readings too late for a window size (window end + grace before the device watermark).
+LATE_READINGS = Counter("millstream_late_readings_total", "Readings not applied to a window size", ["window_size_s"])
+# Rows or aggregates per successful sink write.
+SINK_BATCH_ROWS = Histogram(
+    "millstream_sink_batch_rows", "Rows per successful sink write", ["sink"],
+    buckets=(1, 10, 100, 1_000, 5_000, 10_000, 50_000, 100_000, 500_000),
+)  # fmt: skip
+# Wall time of successful sink writes.
+SINK_WRITE_SECONDS = Histogram(
+    "millstream_sink_write_seconds", "Duration of successful sink writes", ["sink"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)  # fmt: skip
+# Failed sink writes by class: retriable, fatal, exhausted (retry budget spent).
+SINK_ERRORS = Counter("millstream_sink_errors_total", "Failed sink writes, by class", ["sink", "kind"])
+# Retries of a sink write (same batch, after backoff).
+SINK_RETRIES = Counter("millstream_sink_retries_total", "Sink write retries", ["sink"])
+# Unix time of the last successful write per sink.
+SINK_LAST_SUCCESS = Gauge(
+    "millstream_sink_last_success_timestamp_seconds", "Unix time of the last successful write", ["sink"]
+)
+# Source messages acked after all their writes (commit-after-write).
+ACKED = Counter("millstream_acked_messages_total", "Source messages acked after their writes")
+# Newest event time written to ClickHouse, unix seconds (freshness = now - this).
+NEWEST_EVENT = Gauge("millstream_newest_event_timestamp_seconds", "Newest event time written")

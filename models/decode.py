@@ -1,0 +1,194 @@
+"""The one decode boundary: bytes in, readings or a rejection with a reason out. Never raises.
+
+Accepted shapes (all JSON objects):
+
+- flat, as an AWS IoT rule emits it: ``{"device_id": "sensor-001", "temperature": 25.5,
+  "humidity": 60, "ingestion_time": "2024-01-15T10:30:00Z", "location": "factory-a"}`` —
+  every numeric field that is not metadata is a metric;
+- nested: ``{"device_id": ..., "ts": ..., "metrics": {name: value}, "factory": ..., "line": ...}``;
+- batched: ``{"device_id": ..., "readings": [{"ts": ..., "metrics": {...}}, ...]}``.
+
+Timestamps are ISO-8601 strings or epoch seconds / milliseconds (numbers above 10^11 are
+milliseconds). A message without a timestamp takes the Kafka record's timestamp.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from models.records import Reading, Rejection, RejectReason
+
+METADATA_FIELDS = frozenset(
+    {
+        "device_id", "ts", "timestamp", "time", "ingestion_time", "event_time", "location", "factory",
+        "line", "metrics", "readings", "message_id", "msg_id", "seq", "schema", "version",
+    }
+)  # fmt: skip
+TIME_FIELDS = ("ts", "timestamp", "event_time", "time", "ingestion_time")
+METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+MIN_EVENT_MS = 946_684_800_000  # 2000-01-01: older stamps are clock resets, not data
+EPOCH_MS_THRESHOLD = 100_000_000_000  # above: milliseconds; below: seconds (until year 5138)
+
+
+class _Reject(Exception):
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        self.rejection = Rejection(reason, detail)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_time_ms(value: Any) -> int:
+    """Epoch milliseconds from ISO-8601 or epoch seconds/milliseconds; raises _Reject."""
+    if isinstance(value, bool):
+        raise _Reject(RejectReason.BAD_TIMESTAMP, f"timestamp is a boolean: {value}")
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise _Reject(RejectReason.BAD_TIMESTAMP, f"timestamp is not finite: {value}")
+        millis = int(value) if abs(value) >= EPOCH_MS_THRESHOLD else round(value * 1000)
+    elif isinstance(value, str):
+        try:
+            stamp = datetime.fromisoformat(value.replace("Z", "+00:00", 1) if value.endswith("Z") else value)
+        except ValueError:
+            raise _Reject(RejectReason.BAD_TIMESTAMP, f"unparseable timestamp {_short(value)}") from None
+        if stamp.tzinfo is None:
+            raise _Reject(RejectReason.BAD_TIMESTAMP, f"timestamp without time zone {_short(value)}")
+        millis = int(stamp.timestamp() * 1000)
+    else:
+        raise _Reject(RejectReason.BAD_TIMESTAMP, f"timestamp of type {type(value).__name__}")
+    if millis < MIN_EVENT_MS:
+        raise _Reject(RejectReason.BAD_TIMESTAMP, f"timestamp before 2000: {_short(value)}")
+    return millis
+
+
+class Decoder:
+    """Decodes telemetry messages against the configured limits."""
+
+    def __init__(
+        self,
+        *,
+        max_message_bytes: int = 1_048_576,
+        max_readings_per_message: int = 1000,
+        max_device_id_length: int = 128,
+        max_future_skew_s: float = 300.0,
+    ) -> None:
+        self.max_message_bytes = max_message_bytes
+        self.max_readings = max_readings_per_message
+        self.max_device_id_length = max_device_id_length
+        self.max_future_skew_ms = int(max_future_skew_s * 1000)
+
+    def decode(self, value: bytes, *, timestamp_ms: int, now_ms: int) -> list[Reading] | Rejection:
+        """Readings of one message, or why it was rejected. Never raises."""
+        try:
+            return self._decode(value, timestamp_ms, now_ms)
+        except _Reject as reject:
+            return reject.rejection
+        except RecursionError:
+            return Rejection(RejectReason.UNDECODABLE, "nesting too deep")
+
+    def _decode(self, value: bytes, timestamp_ms: int, now_ms: int) -> list[Reading]:
+        if len(value) > self.max_message_bytes:
+            raise _Reject(RejectReason.TOO_LARGE, f"{len(value)} bytes > {self.max_message_bytes}")
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise _Reject(RejectReason.UNDECODABLE, str(exc)[:120]) from None
+        if not isinstance(doc, dict):
+            raise _Reject(RejectReason.NOT_OBJECT, f"top level is {type(doc).__name__}")
+        device_id = self._device_id(doc)
+        factory, line, location = (_label(doc.get(k)) for k in ("factory", "line", "location"))
+        default_ms = self._time(doc, timestamp_ms, now_ms)
+        readings_doc = doc.get("readings")
+        if readings_doc is not None:
+            if not isinstance(readings_doc, list) or not readings_doc:
+                raise _Reject(RejectReason.BAD_READINGS, "readings must be a non-empty list")
+            if len(readings_doc) > self.max_readings:
+                raise _Reject(RejectReason.TOO_MANY_READINGS, f"{len(readings_doc)} readings > {self.max_readings}")
+            readings = []
+            for index, item in enumerate(readings_doc):
+                if not isinstance(item, dict):
+                    raise _Reject(RejectReason.BAD_READINGS, f"reading {index} is {type(item).__name__}")
+                metrics = self._nested_metrics(item.get("metrics"), f"reading {index}: ")
+                event_ms = self._time(item, default_ms, now_ms)
+                readings.append(Reading(device_id, event_ms, metrics, index, factory, line, location))
+            return readings
+        if "metrics" in doc:
+            metrics = self._nested_metrics(doc["metrics"], "")
+        else:
+            metrics = self._flat_metrics(doc)
+        return [Reading(device_id, default_ms, metrics, 0, factory, line, location)]
+
+    def _device_id(self, doc: dict[str, Any]) -> str:
+        device_id = doc.get("device_id")
+        if device_id is None:
+            raise _Reject(RejectReason.DEVICE_ID_MISSING, "no device_id")
+        if not isinstance(device_id, str):
+            raise _Reject(RejectReason.DEVICE_ID_INVALID, f"device_id of type {type(device_id).__name__}")
+        if not device_id or not device_id.strip():
+            raise _Reject(RejectReason.DEVICE_ID_INVALID, "empty device_id")
+        if len(device_id) > self.max_device_id_length:
+            raise _Reject(RejectReason.DEVICE_ID_INVALID, f"device_id longer than {self.max_device_id_length}")
+        if CONTROL_CHARS.search(device_id):
+            raise _Reject(RejectReason.DEVICE_ID_INVALID, "control characters in device_id")
+        return device_id
+
+    def _time(self, doc: dict[str, Any], default_ms: int, now_ms: int) -> int:
+        for name in TIME_FIELDS:
+            raw = doc.get(name)
+            if raw is not None:
+                event_ms = parse_time_ms(raw)
+                if event_ms > now_ms + self.max_future_skew_ms:
+                    raise _Reject(RejectReason.FUTURE_TIMESTAMP, f"{name} {(event_ms - now_ms) / 1000:.0f}s ahead")
+                return event_ms
+        return default_ms
+
+    @staticmethod
+    def _nested_metrics(raw: Any, where: str) -> dict[str, float]:
+        if not isinstance(raw, dict):
+            raise _Reject(RejectReason.NO_METRICS, f"{where}metrics is {type(raw).__name__}, not an object")
+        if not raw:
+            raise _Reject(RejectReason.NO_METRICS, f"{where}metrics is empty")
+        metrics: dict[str, float] = {}
+        for name, value in raw.items():
+            if not METRIC_NAME.fullmatch(name):
+                raise _Reject(RejectReason.BAD_METRIC_NAME, f"{where}metric name {_short(name)}")
+            metrics[name] = _number(value, f"{where}{name}")
+        return metrics
+
+    @staticmethod
+    def _flat_metrics(doc: dict[str, Any]) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for name, value in doc.items():
+            if name in METADATA_FIELDS or isinstance(value, bool) or not isinstance(value, int | float):
+                continue  # strings, objects, flags: descriptive fields, not measurements
+            if not METRIC_NAME.fullmatch(name):
+                raise _Reject(RejectReason.BAD_METRIC_NAME, f"metric name {_short(name)}")
+            metrics[name] = _number(value, name)
+        if not metrics:
+            raise _Reject(RejectReason.NO_METRICS, "no numeric fields")
+        return metrics
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Reject(RejectReason.BAD_VALUE, f"{where} is {type(value).__name__}: {_short(value, 40)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise _Reject(RejectReason.BAD_VALUE, f"{where} is not finite")
+    return number
+
+
+def _label(value: Any) -> str:
+    """Descriptive labels (factory, line, location): kept as text when text, else dropped."""
+    return value[:128] if isinstance(value, str) else ""

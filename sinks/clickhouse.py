@@ -1,0 +1,186 @@
+"""Raw readings to ClickHouse ``telemetry_raw``, one row per (reading, metric).
+
+Idempotent on replay: the table is a ReplacingMergeTree whose sorting key ends with
+(kafka_partition, kafka_offset, reading_index, metric), which names a row; a replayed row has
+the same key and collapses on merge and under ``FINAL``. On servers that have it (22.2+),
+each insert also carries ``insert_deduplication_token`` = topic/partition/first-last offsets,
+so the batch, rebuilt identically on retry, is not stored twice at all on replicated tables.
+
+The DDL is valid on ClickHouse 18.16 (the test server) and on current releases (checked
+through chdb): no LowCardinality, DateTime64, CODEC or TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from app import metrics
+from app.settings import ClickHouseSettings
+from sinks.base import FatalSinkError, RetriableSinkError
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    "device_id", "factory", "line", "location", "metric", "value", "event_time", "event_ms",
+    "ingest_time", "kafka_partition", "kafka_offset", "reading_index",
+)  # fmt: skip
+RawRow = tuple[str, str, str, str, str, float, int, int, int, int, int, int]
+
+DDL_DATABASE = "CREATE DATABASE IF NOT EXISTS {database}"
+DDL_TABLE = """
+CREATE TABLE IF NOT EXISTS {database}.{table} (
+    device_id String,
+    factory String,
+    line String,
+    location String,
+    metric String,
+    value Float64,
+    event_time DateTime,
+    event_ms Int64,
+    ingest_time DateTime,
+    kafka_partition UInt16,
+    kafka_offset UInt64,
+    reading_index UInt32
+) ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(event_time)
+ORDER BY (device_id, metric, event_time, kafka_partition, kafka_offset, reading_index)
+"""
+
+# ---- error classification (ClickHouse server error codes, src/Common/ErrorCodes.cpp)
+RETRIABLE_CODES = {
+    159: "TIMEOUT_EXCEEDED", 160: "TOO_SLOW", 202: "TOO_MANY_SIMULTANEOUS_QUERIES",
+    203: "NO_FREE_CONNECTION", 209: "SOCKET_TIMEOUT", 210: "NETWORK_ERROR", 236: "ABORTED",
+    241: "MEMORY_LIMIT_EXCEEDED", 242: "TABLE_IS_READ_ONLY", 252: "TOO_MANY_PARTS",
+    285: "TOO_FEW_LIVE_REPLICAS", 319: "UNKNOWN_STATUS_OF_INSERT", 394: "QUERY_WAS_CANCELLED",
+    425: "SYSTEM_ERROR", 999: "KEEPER_EXCEPTION",
+}  # fmt: skip
+FATAL_CODES = {
+    8: "THERE_IS_NO_COLUMN", 10: "NOT_FOUND_COLUMN_IN_BLOCK", 16: "NO_SUCH_COLUMN_IN_TABLE",
+    20: "NUMBER_OF_COLUMNS_DOESNT_MATCH", 27: "CANNOT_PARSE_INPUT_ASSERTION_FAILED", 36: "BAD_ARGUMENTS",
+    44: "ILLEGAL_COLUMN", 47: "UNKNOWN_IDENTIFIER", 53: "TYPE_MISMATCH", 60: "UNKNOWN_TABLE",
+    62: "SYNTAX_ERROR", 70: "CANNOT_CONVERT_TYPE", 81: "UNKNOWN_DATABASE", 164: "READONLY",
+    192: "UNKNOWN_USER", 193: "WRONG_PASSWORD", 194: "REQUIRED_PASSWORD", 497: "ACCESS_DENIED",
+    516: "AUTHENTICATION_FAILED",
+}  # fmt: skip
+
+
+def classify(exc: BaseException) -> RetriableSinkError | FatalSinkError:
+    """Map a driver or server error to retry-or-crash. Unknown server codes retry (bounded)."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, int) and code in FATAL_CODES:
+        return FatalSinkError(f"ClickHouse {FATAL_CODES[code]} ({code}): {_first_line(exc)}")
+    if isinstance(code, int) and code in RETRIABLE_CODES:
+        return RetriableSinkError(f"ClickHouse {RETRIABLE_CODES[code]} ({code}): {_first_line(exc)}")
+    if isinstance(exc, OSError | EOFError | asyncio.TimeoutError | ConnectionError):
+        return RetriableSinkError(f"ClickHouse connection: {type(exc).__name__}: {_first_line(exc)}")
+    return RetriableSinkError(f"ClickHouse {type(exc).__name__} (code {code}): {_first_line(exc)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return " ".join(text[:2])[:300] if text else type(exc).__name__
+
+
+@dataclass(slots=True)
+class RawBatch:
+    """Rows of one flush, plus what names it for deduplication."""
+
+    rows: list[RawRow] = field(default_factory=list)
+    token: str = ""  # topic/partition:first-last,...
+
+
+class ClickHouseRawWriter:
+    """Writes :class:`RawBatch` es over the native protocol with asynch."""
+
+    name = "clickhouse"
+
+    def __init__(self, settings: ClickHouseSettings) -> None:
+        self.settings = settings
+        url = urlsplit(settings.url)
+        self.host = url.hostname or "localhost"
+        self.port = url.port or (9440 if url.scheme == "clickhouses" else 9000)
+        self.user = url.username or "default"
+        self.secure = url.scheme == "clickhouses"
+        self.database = settings.database
+        self.table = settings.table
+        self._conn: Any = None
+        self._supports_token = False
+        self._insert = f"INSERT INTO {self.database}.{self.table} ({', '.join(COLUMNS)}) VALUES"
+
+    async def _connect(self) -> Any:
+        from asynch import Connection
+
+        if self._conn is None:
+            conn = Connection(
+                host=self.host, port=self.port, user=self.user, database="default",
+                password=self.settings.password.get_secret_value(), secure=self.secure,
+                connect_timeout=self.settings.connect_timeout_s,
+                send_receive_timeout=self.settings.query_timeout_s,
+            )  # fmt: skip
+            await asyncio.wait_for(conn.connect(), self.settings.connect_timeout_s)
+            self._conn = conn
+            info = getattr(getattr(conn._connection, "context", None), "server_info", None)
+            version = info.version_tuple() if info is not None else (0, 0, 0)
+            self._supports_token = tuple(version[:2]) >= (22, 2)
+        return self._conn
+
+    async def _discard(self) -> None:
+        # After a server exception or timeout the connection state is unknown: never reuse it.
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await asyncio.wait_for(conn.close(), 2)
+            except Exception:
+                pass
+
+    async def _execute(
+        self, sql: str, args: Sequence[Any] | None = None, settings: dict[str, Any] | None = None
+    ) -> Any:
+        try:
+            conn = await self._connect()
+            async with conn.cursor() as cursor:
+                if settings:
+                    cursor.set_settings(settings)
+                await asyncio.wait_for(cursor.execute(sql, args), self.settings.query_timeout_s)
+                return await cursor.fetchall() if args is None and sql.lstrip().upper().startswith("SELECT") else None
+        except (RetriableSinkError, FatalSinkError):
+            raise
+        except Exception as exc:  # every driver failure is classified, none escapes raw
+            await self._discard()
+            raise classify(exc) from exc
+
+    async def start(self) -> None:
+        """Connect and apply the DDL (idempotent)."""
+        await self._execute(DDL_DATABASE.format(database=self.database))
+        await self._execute(DDL_TABLE.format(database=self.database, table=self.table))
+        log.info("ClickHouse %s:%s ready, table %s.%s", self.host, self.port, self.database, self.table)
+
+    async def write(self, batch: RawBatch) -> None:
+        if not batch.rows:
+            return
+        started = time.perf_counter()
+        settings = {"insert_deduplication_token": batch.token} if self._supports_token and batch.token else None
+        limit = self.settings.batch_rows
+        for first in range(0, len(batch.rows), limit):
+            chunk = batch.rows[first : first + limit]
+            chunk_settings = settings
+            if settings and len(batch.rows) > limit:
+                chunk_settings = {"insert_deduplication_token": f"{batch.token}#{first}"}
+            await self._execute(self._insert, chunk, chunk_settings)
+            metrics.SINK_BATCH_ROWS.labels(sink=self.name).observe(len(chunk))
+        metrics.SINK_WRITE_SECONDS.labels(sink=self.name).observe(time.perf_counter() - started)
+        metrics.SINK_LAST_SUCCESS.labels(sink=self.name).set(time.time())
+
+    async def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """Run a SELECT (for the CLI and tests)."""
+        result = await self._execute(sql)
+        return list(result or [])
+
+    async def close(self) -> None:
+        await self._discard()
