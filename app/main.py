@@ -65,4 +65,24 @@ def create_app(settings: Settings) -> faust.App:
         table_cleanup_interval=30.0,
     )
     app.millstream_settings = settings  # type: ignore[attr-defined]
+    _setup_metrics(app)
+    from agents.ingest import register
+
+    register(app, settings)
     return app
+
+
+def _setup_metrics(app: faust.App) -> None:
+    """/metrics on the web port: millstream's metrics and faust's own sensor, one registry."""
+    from faust.sensors.prometheus import setup_prometheus_sensors
+
+    try:
+        setup_prometheus_sensors(app, pattern="/metrics", name_prefix="faust")
+    except ValueError:
+        # The faust series are registered once per process (a second App in tests): serve
+        # /metrics from the registry as it is.
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        @app.page("/metrics")
+        async def metrics_page(web: Any, request: Any) -> Any:
+            return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)

@@ -225,6 +225,17 @@ class LimitSettings(_Group):
     )
 
 
+class PipelineSettings(_Group):
+    """How the ingest agent batches and how long it retries a failing sink."""
+
+    batch_messages: int = Field(
+        5000, ge=1, le=1_000_000, description="Messages per batch at most (flushed at least every flush_interval_s)."
+    )
+    retry_budget_s: float = Field(
+        300.0, gt=0, le=86_400, description="Retry a failing sink this long, then crash the worker."
+    )
+
+
 class Settings(BaseSettings):
     """All of millstream's settings. Read with :func:`load_settings`."""
 
@@ -241,6 +252,7 @@ class Settings(BaseSettings):
     scylla: ScyllaSettings = Field(default_factory=ScyllaSettings)
     windows: WindowSettings = Field(default_factory=WindowSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     store: Literal["rocksdb", "memory"] = Field(
         "rocksdb", description="Table store: rocksdb (production) or memory (tests)."
     )

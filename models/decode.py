@@ -14,6 +14,7 @@ milliseconds). A message without a timestamp takes the Kafka record's timestamp.
 
 from __future__ import annotations
 
+import calendar
 import math
 import re
 from datetime import datetime
@@ -61,7 +62,8 @@ def parse_time_ms(value: Any) -> int:
             raise _Reject(RejectReason.BAD_TIMESTAMP, f"unparseable timestamp {_short(value)}") from None
         if stamp.tzinfo is None:
             raise _Reject(RejectReason.BAD_TIMESTAMP, f"timestamp without time zone {_short(value)}")
-        millis = int(stamp.timestamp() * 1000)
+        # Integer arithmetic: float seconds * 1000 would lose a millisecond now and then.
+        millis = calendar.timegm(stamp.utctimetuple()) * 1000 + stamp.microsecond // 1000
     else:
         raise _Reject(RejectReason.BAD_TIMESTAMP, f"timestamp of type {type(value).__name__}")
     if millis < MIN_EVENT_MS:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class RejectReason(enum.StrEnum):
@@ -25,6 +26,7 @@ class RejectReason(enum.StrEnum):
     FUTURE_TIMESTAMP = "future_timestamp"  # further ahead than limits.max_future_skew_s
     BAD_READINGS = "bad_readings"  # "readings" is not a non-empty list of objects
     TOO_MANY_READINGS = "too_many_readings"  # batch over limits.max_readings_per_message
+    KEY_MISMATCH = "key_mismatch"  # Kafka message key is not the device_id (breaks per-device order)
 
 
 @dataclass(slots=True, frozen=True)
@@ -60,3 +62,4 @@ class SourceMessage:
     timestamp_ms: int
     readings: list[Reading] = field(default_factory=list)
     rejection: Rejection | None = None
+    handle: Any = None  # the faust event this came from, if any

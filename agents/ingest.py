@@ -1,0 +1,173 @@
+"""The faust agent: telemetry topic → :class:`agents.pipeline.Pipeline` → ordered acks.
+
+Why it is shaped like this (DESIGN.md §4): an exception escaping a faust agent acks and
+commits the failing message, and ``take()`` acks its buffer even when the body raised. So the
+stream is consumed with ``noack_take`` (nothing is acked by faust), one actor per partition
+set (``concurrency=1``, processing stays in offset order), and the batch is acked only after
+the pipeline says everything is written. Any failure crashes the worker instead of acking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import weakref
+from typing import Any
+
+import faust
+from faust.streams import _current_event
+
+from agents.pipeline import Pipeline
+from agents.windows import WindowPolicy
+from app import metrics
+from app.settings import Settings
+from models.decode import Decoder
+from models.records import SourceMessage
+from sinks.base import RetryPolicy
+from sinks.clickhouse import ClickHouseRawWriter
+from sinks.scylla import ScyllaAggregateWriter
+
+log = logging.getLogger(__name__)
+
+STATE_TABLE = "device-windows"
+CRASH_EXIT_CODE = 70  # EX_SOFTWARE: Kubernetes restarts the pod
+
+
+class TableStateStore:
+    """Window state in a changelog-backed faust table keyed by device id (bytes)."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def get(self, device_key: bytes) -> bytes | None:
+        value = self.table.get(device_key)
+        return value if value is None else bytes(value)
+
+    def put(self, device_key: bytes, value: bytes, source: SourceMessage) -> None:
+        # faust routes the changelog record to the partition of the *current event*; in a
+        # batch that must be the message the key came from, not whatever was read last.
+        token = _current_event.set(weakref.ref(source.handle))
+        try:
+            self.table[device_key] = value
+        finally:
+            _current_event.reset(token)
+
+
+class KafkaDeadLetters:
+    """Rejected messages to the DLQ topic: original bytes, reason and origin in headers."""
+
+    def __init__(self, topic: Any) -> None:
+        self.topic = topic
+
+    async def send(self, messages: list[SourceMessage]) -> None:
+        pending = []
+        for message in messages:
+            assert message.rejection is not None
+            headers = {
+                "millstream.reason": message.rejection.reason.value.encode(),
+                "millstream.detail": message.rejection.detail.encode(errors="replace")[:1000],
+                "millstream.source.topic": message.topic.encode(),
+                "millstream.source.partition": str(message.partition).encode(),
+                "millstream.source.offset": str(message.offset).encode(),
+            }
+            pending.append(await self.topic.send(key=message.key, value=message.value, headers=headers))
+        await asyncio.gather(*pending)  # delivered, not just buffered: the acks come next
+
+
+async def crash_worker(app: faust.App, exc: BaseException) -> None:
+    """Stop the worker without acking anything more; the orchestrator restarts it.
+
+    Acked offsets may still be committed on the way down (they are fully written); the
+    un-acked batch is replayed by whoever gets its partitions.
+    """
+    log.critical("millstream worker crashing: %s", exc, exc_info=exc)
+    loop = asyncio.get_running_loop()
+    # If the graceful stop hangs (a sink or the broker is the trouble), leave anyway.
+    loop.call_later(15.0, os._exit, CRASH_EXIT_CODE)
+    await app.crash(exc)
+
+
+def register(app: faust.App, settings: Settings) -> Pipeline:
+    """Declare topics, the state table and the ingest agent on ``app``."""
+    kafka = settings.kafka
+    source = app.topic(
+        kafka.telemetry_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+        partitions=kafka.partitions,
+    )  # fmt: skip
+    dlq = app.topic(
+        kafka.dlq_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+        partitions=kafka.partitions, replicas=kafka.replication_factor,
+    )  # fmt: skip
+    table_kwargs: dict[str, Any] = {}
+    if settings.store == "rocksdb":
+        from app.main import table_options
+
+        table_kwargs["options"] = table_options(settings)
+    table = app.Table(
+        STATE_TABLE,
+        default=None,
+        partitions=kafka.partitions,
+        schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
+        help="window state per device",
+        **table_kwargs,
+    )
+    limits = settings.limits
+    decoder = Decoder(
+        max_message_bytes=limits.max_message_bytes,
+        max_readings_per_message=limits.max_readings_per_message,
+        max_device_id_length=limits.max_device_id_length,
+        max_future_skew_s=limits.max_future_skew_s,
+    )
+    pipeline = Pipeline(
+        decoder=decoder,
+        windows=WindowPolicy(settings.windows.sizes_s, settings.windows.grace_s, settings.windows.retention_windows),
+        state=TableStateStore(table),
+        raw_sink=ClickHouseRawWriter(settings.clickhouse),
+        aggregate_sink=ScyllaAggregateWriter(settings.scylla) if settings.scylla.enabled else None,
+        dead_letters=KafkaDeadLetters(dlq),
+        retry=RetryPolicy(budget_s=settings.pipeline.retry_budget_s),
+        dlq_max_consecutive=limits.dlq_max_consecutive,
+    )
+    sinks = [s for s in (pipeline.raw_sink, pipeline.aggregate_sink) if s is not None]
+
+    @app.agent(source, name="ingest", concurrency=1)
+    async def ingest(stream: Any) -> None:
+        try:
+            for sink in sinks:  # idempotent DDL; retried like writes while the sink is down
+                await pipeline.retry.run(sink.name, sink.start)
+            async for events in stream.noack_take(
+                settings.pipeline.batch_messages, within=settings.clickhouse.flush_interval_s
+            ):
+                assigned = app.consumer.assignment()
+                # Events of partitions revoked while they waited are left un-acked: the new
+                # owner replays them from the committed offset.
+                live = [e for e in events if e.message.tp in assigned]
+                batch = [
+                    SourceMessage(
+                        e.message.topic,
+                        e.message.partition,
+                        e.message.offset,
+                        e.message.key,
+                        e.message.value,
+                        int(e.message.timestamp * 1000),
+                        handle=e,
+                    )
+                    for e in live
+                ]
+                await pipeline.process(batch)
+                # Everything derived from these offsets is written: ack them, in offset order
+                # (events of one partition arrive in offset order and are acked in that order).
+                for event in live:
+                    await stream.ack(event)
+                metrics.ACKED.inc(len(live))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            await crash_worker(app, exc)
+        finally:
+            for sink in sinks:
+                await sink.close()
+
+    app.millstream_pipeline = pipeline  # type: ignore[attr-defined]
+    return pipeline
