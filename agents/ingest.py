@@ -18,6 +18,7 @@ from typing import Any
 import faust
 from faust.streams import _current_event
 
+from agents.offsets import OffsetGuard
 from agents.pipeline import Pipeline
 from agents.windows import WindowPolicy
 from app import metrics
@@ -31,6 +32,7 @@ from sinks.scylla import ScyllaAggregateWriter
 log = logging.getLogger(__name__)
 
 STATE_TABLE = "device-windows"
+DLQ_PROGRESS_TABLE = "dlq-progress"
 CRASH_EXIT_CODE = 70  # EX_SOFTWARE: Kubernetes restarts the pod
 
 
@@ -108,10 +110,25 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
         STATE_TABLE,
         default=None,
         partitions=kafka.partitions,
-        schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
+        key_type=bytes,
+        value_type=bytes,
         help="window state per device",
         **table_kwargs,
     )
+    dlq_table = app.Table(
+        DLQ_PROGRESS_TABLE,
+        default=None,
+        partitions=kafka.partitions,
+        key_type=bytes,
+        value_type=bytes,
+        help="highest source offset dead-lettered per partition",
+        **table_kwargs,
+    )
+    for each in (table, dlq_table):
+        # faust tables pick "json" for any non-Record type and pass bytes through unencoded
+        # on write, but decode the changelog as JSON on recovery; keep both sides raw (before
+        # the changelog topic is first built).
+        each.key_serializer = each.value_serializer = "raw"  # type: ignore[attr-defined]
     limits = settings.limits
     decoder = Decoder(
         max_message_bytes=limits.max_message_bytes,
@@ -128,11 +145,23 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
         dead_letters=KafkaDeadLetters(dlq),
         retry=RetryPolicy(budget_s=settings.pipeline.retry_budget_s),
         dlq_max_consecutive=limits.dlq_max_consecutive,
+        dlq_progress=TableStateStore(dlq_table),
     )
     sinks = [s for s in (pipeline.raw_sink, pipeline.aggregate_sink) if s is not None]
 
+    guard: OffsetGuard | None = None
+
+    def _rebalanced(sender: Any, *args: Any, **kwargs: Any) -> None:
+        if guard is not None:
+            guard.reset()
+
+    app.on_partitions_revoked.connect(_rebalanced)  # type: ignore[arg-type]
+    app.on_partitions_assigned.connect(_rebalanced)  # type: ignore[arg-type]
+
     @app.agent(source, name="ingest", concurrency=1)
     async def ingest(stream: Any) -> None:
+        nonlocal guard
+        guard = OffsetGuard(app.consumer)
         try:
             for sink in sinks:  # idempotent DDL; retried like writes while the sink is down
                 await pipeline.retry.run(sink.name, sink.start)
@@ -142,7 +171,9 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
                 assigned = app.consumer.assignment()
                 # Events of partitions revoked while they waited are left un-acked: the new
                 # owner replays them from the committed offset.
-                live = [e for e in events if e.message.tp in assigned]
+                owned = [e for e in events if e.message.tp in assigned]
+                await guard.prepare(e.message.tp for e in owned)
+                live, rewind = guard.admit(owned)
                 batch = [
                     SourceMessage(
                         e.message.topic,
@@ -161,6 +192,8 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
                 for event in live:
                     await stream.ack(event)
                 metrics.ACKED.inc(len(live))
+                if rewind:
+                    await guard.rewind(rewind)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

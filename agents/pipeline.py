@@ -36,6 +36,15 @@ class StateStore(Protocol):
         """Store ``value``; ``source`` is the message whose partition owns the key."""
 
 
+def _progress_key(message: SourceMessage) -> bytes:
+    return f"{message.topic}:{message.partition}".encode()
+
+
+def _progress_of(progress: StateStore, message: SourceMessage) -> int:
+    raw = progress.get(_progress_key(message))
+    return int(raw) if raw is not None else -1
+
+
 class DeadLetters(Protocol):
     async def send(self, messages: list[SourceMessage]) -> None:
         """Produce rejected messages to the DLQ; returns when the broker has them."""
@@ -68,6 +77,7 @@ class Pipeline:
         dead_letters: DeadLetters,
         retry: RetryPolicy,
         dlq_max_consecutive: int,
+        dlq_progress: StateStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.decoder = decoder
@@ -80,6 +90,7 @@ class Pipeline:
         self.dlq_max_consecutive = dlq_max_consecutive
         self.clock = clock
         self.consecutive_rejects = 0
+        self.dlq_progress = dlq_progress
 
     async def process(self, batch: list[SourceMessage]) -> BatchOutcome:
         """Process one batch; see the numbered order below. Raises instead of losing data."""
@@ -96,8 +107,7 @@ class Pipeline:
         rejected = self._decode(batch, now)
         if rejected:
             outcome.rejected = len(rejected)
-            await self.dead_letters.send(rejected)
-            metrics.DLQ_MESSAGES.inc(len(rejected))
+            await self._dead_letter(rejected)
         valid = [m for m in batch if m.rejection is None]
         raw = self._raw_rows(valid, now)
         aggregates = self._apply(valid, outcome)
@@ -114,6 +124,28 @@ class Pipeline:
         if raw.rows:
             metrics.NEWEST_EVENT.set(max(row[7] for row in raw.rows) / 1000)
         return outcome
+
+    async def _dead_letter(self, rejected: list[SourceMessage]) -> None:
+        """Send rejects to the DLQ once: a replay skips offsets already dead-lettered.
+
+        The progress (highest offset dead-lettered per source partition) is recorded after the
+        DLQ has the messages; only a crash between the two repeats a DLQ record, which carries
+        its source partition and offset in headers for consumers that must deduplicate.
+        """
+        progress = self.dlq_progress
+        fresh = rejected
+        if progress is not None:
+            done = {m.partition: _progress_of(progress, m) for m in rejected}
+            fresh = [m for m in rejected if m.offset > done[m.partition]]
+        if fresh:
+            await self.dead_letters.send(fresh)
+            metrics.DLQ_MESSAGES.inc(len(fresh))
+        if progress is not None:
+            last: dict[int, SourceMessage] = {}
+            for message in fresh:
+                last[message.partition] = message
+            for message in last.values():
+                progress.put(_progress_key(message), str(message.offset).encode(), message)
 
     def _decode(self, batch: list[SourceMessage], now: float) -> list[SourceMessage]:
         now_ms = int(now * 1000)

@@ -51,6 +51,9 @@ def create_app(settings: Settings) -> faust.App:
         store="rocksdb://" if settings.store == "rocksdb" else "memory://",
         datadir=str(settings.data_dir),
         autodiscover=False,
+        # millstream encodes and decodes its own bytes (orjson).
+        key_serializer="raw",
+        value_serializer="raw",
         # at-least-once plus offset-idempotent aggregates (DESIGN.md §3.3); the test broker
         # cannot run Kafka transactions, and exactness does not need them.
         processing_guarantee="at_least_once",

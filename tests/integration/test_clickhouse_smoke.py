@@ -69,3 +69,24 @@ def test_same_ddl_on_modern_clickhouse(tmp_path: object) -> None:
         assert session.query("SELECT count() FROM default.smoke FINAL", "CSV").bytes().strip() == b"3"
     finally:
         session.close()
+
+
+@pytest.mark.chdb
+def test_production_ddl_on_modern_clickhouse(tmp_path: object) -> None:
+    """millstream's telemetry_raw DDL also parses and deduplicates on current ClickHouse."""
+    from sinks.clickhouse import COLUMNS, DDL_DATABASE, DDL_TABLE
+
+    chdb_session = pytest.importorskip("chdb.session")
+    session = chdb_session.Session(str(tmp_path))
+    try:
+        session.query(DDL_DATABASE.format(database="millstream"))
+        session.query(DDL_TABLE.format(database="millstream", table="telemetry_raw"))
+        session.query(DDL_TABLE.format(database="millstream", table="telemetry_raw"))  # idempotent
+        row = "('d1', 'f', 'l', 'loc', 'temperature', 21.5, 1705314600, 1705314600123, 1705314601, 3, 42, 0)"
+        columns = ", ".join(COLUMNS)
+        for _ in range(2):  # a replay of the same reading
+            session.query(f"INSERT INTO millstream.telemetry_raw ({columns}) VALUES {row}")
+        count = session.query("SELECT count() FROM millstream.telemetry_raw FINAL", "CSV").bytes().strip()
+        assert count == b"1"
+    finally:
+        session.close()

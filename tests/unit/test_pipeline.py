@@ -209,3 +209,13 @@ async def test_state_is_stored_with_the_partition_of_its_source() -> None:
     pipeline = make(state=store)
     await pipeline.process([good(0, device="a", partition=2), good(0, device="b", partition=1)])
     assert sorted(store.puts) == [(b"a", 2), (b"b", 1)]
+
+
+async def test_a_replay_does_not_dead_letter_twice() -> None:
+    dlq, progress = RecordingDLQ(), MemoryStore()
+    pipeline = make(dead_letters=dlq, dlq_progress=progress)
+    batch = [message(0, b"bad"), good(1), message(2, b"bad", partition=1)]
+    await pipeline.process(batch)
+    await pipeline.process([message(0, b"bad"), good(1), message(2, b"bad", partition=1), message(3, b"bad")])
+    assert [(m.partition, m.offset) for m in dlq.sent] == [(0, 0), (1, 2), (0, 3)]
+    assert progress.data == {b"telemetry:0": b"3", b"telemetry:1": b"2"}
