@@ -90,6 +90,24 @@ async def crash_worker(app: faust.App, exc: BaseException) -> None:
     await app.crash(exc)
 
 
+def bytes_table(app: faust.App, settings: Settings, name: str, help: str) -> Any:
+    """A changelog-backed table of bytes to bytes, partitioned like the source topic."""
+    options: dict[str, Any] = {}
+    if settings.store == "rocksdb":
+        from app.main import table_options
+
+        options["options"] = table_options(settings)
+    table = app.Table(
+        name, default=None, partitions=settings.kafka.partitions, key_type=bytes, value_type=bytes, help=help,
+        **options,
+    )  # fmt: skip
+    # faust tables pick "json" for any non-Record type and pass bytes through unencoded on
+    # write, but decode the changelog as JSON on recovery; keep both sides raw (before the
+    # changelog topic is first built).
+    table.key_serializer = table.value_serializer = "raw"  # type: ignore[attr-defined]
+    return table
+
+
 def register(app: faust.App, settings: Settings) -> Pipeline:
     """Declare topics, the state table and the ingest agent on ``app``."""
     kafka = settings.kafka
@@ -101,34 +119,8 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
         kafka.dlq_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
         partitions=kafka.partitions, replicas=kafka.replication_factor,
     )  # fmt: skip
-    table_kwargs: dict[str, Any] = {}
-    if settings.store == "rocksdb":
-        from app.main import table_options
-
-        table_kwargs["options"] = table_options(settings)
-    table = app.Table(
-        STATE_TABLE,
-        default=None,
-        partitions=kafka.partitions,
-        key_type=bytes,
-        value_type=bytes,
-        help="window state per device",
-        **table_kwargs,
-    )
-    dlq_table = app.Table(
-        DLQ_PROGRESS_TABLE,
-        default=None,
-        partitions=kafka.partitions,
-        key_type=bytes,
-        value_type=bytes,
-        help="highest source offset dead-lettered per partition",
-        **table_kwargs,
-    )
-    for each in (table, dlq_table):
-        # faust tables pick "json" for any non-Record type and pass bytes through unencoded
-        # on write, but decode the changelog as JSON on recovery; keep both sides raw (before
-        # the changelog topic is first built).
-        each.key_serializer = each.value_serializer = "raw"  # type: ignore[attr-defined]
+    table = bytes_table(app, settings, STATE_TABLE, "window state per device")
+    dlq_table = bytes_table(app, settings, DLQ_PROGRESS_TABLE, "highest source offset dead-lettered per partition")
     limits = settings.limits
     decoder = Decoder(
         max_message_bytes=limits.max_message_bytes,
