@@ -1,4 +1,4 @@
-"""The ``millstream`` command: ``worker`` and ``settings`` (more as they are built)."""
+"""The ``millstream`` command: ``worker``, ``simulate`` and ``settings``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,22 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     worker.add_argument("faust_args", nargs=argparse.REMAINDER)
+    simulate = sub.add_parser(
+        "simulate",
+        help="publish realistic factory telemetry to the telemetry topic",
+        description="Publish simulated telemetry (flat, nested and batched JSON, with malformed, late and "
+        "out-of-order readings) to MILLSTREAM_KAFKA__TELEMETRY_TOPIC, keyed by device id. Deterministic for a seed.",
+    )
+    simulate.add_argument("--messages", type=int, default=10_000, help="messages to send (default 10000)")
+    simulate.add_argument("--rate", type=float, default=None, help="messages per second (default: as fast as possible)")
+    simulate.add_argument("--devices", type=int, default=200, help="devices (default 200)")
+    simulate.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    simulate.add_argument("--malformed", type=float, default=0.02, help="share of malformed messages (default 0.02)")
+    simulate.add_argument("--late", type=float, default=0.01, help="share of late messages (default 0.01)")
+    simulate.add_argument("--out-of-order", type=float, default=0.02, help="share sent out of order (default 0.02)")
+    simulate.add_argument("--batch-size", type=int, default=5, help="readings per batched message (default 5)")
+    simulate.add_argument("--create-topic", action="store_true", help="create the topic if it does not exist")
+    simulate.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     settings = sub.add_parser("settings", help="validate and print the effective settings (secrets masked)")
     group = settings.add_mutually_exclusive_group()
     group.add_argument("--doc", action="store_true", help="list every variable with default and meaning")
@@ -50,6 +66,59 @@ def _settings_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate_command(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from app.simulator import Simulator, publish
+
+    for name in ("messages", "devices", "batch_size"):
+        if getattr(args, name) < 1:
+            return _fail(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("malformed", "late", "out_of_order"):
+        if not 0 <= getattr(args, name) <= 1:
+            return _fail(f"--{name.replace('_', '-')} must be between 0 and 1")
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        return _fail(f"invalid setting {exc}")
+    simulator = Simulator(
+        devices=args.devices, seed=args.seed, malformed_ratio=args.malformed, late_ratio=args.late,
+        out_of_order_ratio=args.out_of_order, batch_size=args.batch_size,
+    )  # fmt: skip
+
+    def progress(line: str) -> None:
+        print(f"millstream simulate: {line}", file=sys.stderr, flush=True)
+
+    import logging
+
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # failures end in our one line below
+
+    try:
+        sent = asyncio.run(
+            publish(settings.kafka, simulator, messages=args.messages, rate=args.rate,
+                    create_topic=args.create_topic, progress=progress)
+        )  # fmt: skip
+    except Exception as exc:  # broker unreachable, auth, ...: one clear line, not a traceback
+        return _fail(f"could not publish to {','.join(settings.kafka.bootstrap_servers)}: {type(exc).__name__}: {exc}")
+    log = simulator.log
+    summary = {
+        "topic": settings.kafka.telemetry_topic,
+        "messages": sent,
+        "valid_messages": log.valid_messages,
+        "malformed": log.malformed,
+        "valid_readings": log.valid_readings,
+        "late_readings": sum(1 for r in log.readings if r.late),
+        "expected_rows": log.expected_rows,
+    }
+    print(
+        f"sent {sent} messages to {summary['topic']}: {log.valid_messages} valid with {log.valid_readings} readings "
+        f"({summary['late_readings']} late), {log.malformed} malformed; expected ClickHouse rows: {log.expected_rows}"
+    )
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
 def _worker_command(faust_args: list[str]) -> int:
     try:
         settings = load_settings()
@@ -71,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     if args.command == "settings":
         return _settings_command(args)
+    if args.command == "simulate":
+        return _simulate_command(args)
     parser.print_help()
     return 0 if args.command is None else 2
 

@@ -6,14 +6,17 @@ checked exactly against what millstream stored.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import orjson
+
+from app.settings import KafkaSettings
 
 METRIC_PROFILES: dict[str, tuple[float, float, float]] = {
     # metric: (base, drift per hour, noise)
@@ -185,3 +188,77 @@ class Simulator:
             self.log.readings.extend(readings)
             yield key, value
         self._held.clear()
+
+
+def kafka_client_options(kafka: KafkaSettings) -> dict[str, object]:
+    """aiokafka connection options from the validated Kafka settings."""
+    options: dict[str, object] = {
+        "bootstrap_servers": ",".join(kafka.bootstrap_servers),
+        "security_protocol": kafka.security_protocol,
+    }
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        from app.main import broker_credentials
+
+        credentials = broker_credentials(kafka)
+        options["ssl_context"] = credentials.ssl_context if credentials is not None else None
+    if kafka.security_protocol.startswith("SASL"):
+        assert kafka.sasl_password is not None
+        options.update(
+            sasl_mechanism=kafka.sasl_mechanism,
+            sasl_plain_username=kafka.sasl_username,
+            sasl_plain_password=kafka.sasl_password.get_secret_value(),
+        )
+    return options
+
+
+async def publish(
+    kafka: KafkaSettings,
+    simulator: Simulator,
+    *,
+    messages: int,
+    rate: float | None,
+    create_topic: bool,
+    progress: Callable[[str], None],
+) -> int:
+    """Send ``messages`` simulated messages to the telemetry topic; returns how many."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    options = kafka_client_options(kafka)
+    if create_topic:
+        admin = AIOKafkaAdminClient(**options)
+        await admin.start()
+        try:
+            topic = NewTopic(
+                kafka.telemetry_topic, num_partitions=kafka.partitions, replication_factor=kafka.replication_factor
+            )
+            await admin.create_topics([topic])
+            progress(f"created topic {kafka.telemetry_topic} ({kafka.partitions} partitions)")
+        except TopicAlreadyExistsError:
+            pass
+        finally:
+            await admin.close()
+    producer = AIOKafkaProducer(linger_ms=5, acks="all", **options)
+    sent, started, last_report = 0, time.monotonic(), time.monotonic()
+    try:
+        await producer.start()
+        pending = []
+        stream = list(simulator.messages(messages)) + list(simulator.flush())
+        for key, value in stream:
+            pending.append(await producer.send(kafka.telemetry_topic, value, key=key))
+            sent += 1
+            if sent % 1000 == 0:
+                await asyncio.gather(*pending)
+                pending.clear()
+            if rate and sent % 50 == 0:
+                ahead = sent / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            if time.monotonic() - last_report >= 5:
+                last_report = time.monotonic()
+                progress(f"sent {sent}/{len(stream)} messages ({sent / (last_report - started):.0f}/s)")
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return sent
