@@ -8,6 +8,7 @@ so failure tests can use the same objects. Used by the pytest fixtures, ``.ci/ru
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -17,6 +18,20 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+_STARTED: list[ManagedProcess] = []
+
+
+def stop_everything() -> None:
+    """Stop every server this process started (by PID). Runs at exit, also after SIGTERM."""
+    for server in reversed(_STARTED):
+        try:
+            server.stop(timeout=5)
+        except Exception:
+            pass
+
+
+atexit.register(stop_everything)
 
 
 class ServerUnavailable(RuntimeError):
@@ -60,6 +75,8 @@ class ManagedProcess:
             self.proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
             )
+        if self not in _STARTED:
+            _STARTED.append(self)
         self._wait(self.is_ready, timeout)
 
     def _wait(self, check: Callable[[], bool], timeout: float) -> None:

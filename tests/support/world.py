@@ -4,6 +4,7 @@ simulator, and independent expectations to compare what was stored against what 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import signal
 import subprocess
@@ -118,6 +119,7 @@ class WorkerProcess:
                 [sys.executable, "-m", "app.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
                 cwd=Path(__file__).resolve().parents[2], start_new_session=True,
             )  # fmt: skip
+        atexit.register(self.stop, 5)
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
