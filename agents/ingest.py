@@ -20,13 +20,13 @@ from faust.streams import _current_event
 
 from agents.offsets import OffsetGuard
 from agents.pipeline import Pipeline
-from agents.windows import WindowPolicy
+from agents.windows import DeviceState, WindowPolicy
 from app import metrics
 from app.settings import Settings
 from models.decode import Decoder
 from models.records import SourceMessage
 from sinks.base import RetryPolicy
-from sinks.clickhouse import ClickHouseRawWriter
+from sinks.clickhouse import raw_writer
 from sinks.scylla import ScyllaAggregateWriter
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
         decoder=decoder,
         windows=WindowPolicy(settings.windows.sizes_s, settings.windows.grace_s, settings.windows.retention_windows),
         state=TableStateStore(table),
-        raw_sink=ClickHouseRawWriter(settings.clickhouse),
+        raw_sink=raw_writer(settings.clickhouse),
         aggregate_sink=ScyllaAggregateWriter(settings.scylla) if settings.scylla.enabled else None,
         dead_letters=KafkaDeadLetters(dlq),
         retry=RetryPolicy(budget_s=settings.pipeline.retry_budget_s),
@@ -193,6 +193,15 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
         finally:
             for sink in sinks:
                 await sink.close()
+
+    @app.page("/aggregates")
+    async def aggregates_page(web: Any, request: Any) -> Any:
+        """Counts of the aggregates this worker holds (its partitions), for the demo and ops."""
+        devices = windows = latest = 0
+        for _key, raw in table.items():
+            state = DeviceState.loads(bytes(raw))
+            devices, windows, latest = devices + 1, windows + len(state.windows), latest + len(state.latest)
+        return web.json({"devices": devices, "window_aggregates": windows, "latest_values": latest})
 
     app.millstream_pipeline = pipeline  # type: ignore[attr-defined]
     return pipeline

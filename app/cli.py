@@ -1,4 +1,4 @@
-"""The ``millstream`` command: ``worker``, ``simulate`` and ``settings``."""
+"""The ``millstream`` command: ``worker``, ``demo``, ``simulate`` and ``settings``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     worker.add_argument("faust_args", nargs=argparse.REMAINDER)
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole pipeline locally (bundled broker, embedded ClickHouse) and count what was stored",
+    )
+    demo.add_argument("--duration", type=float, default=20.0, help="seconds of simulated traffic (default 20)")
+    demo.add_argument("--devices", type=int, default=50, help="simulated devices (default 50)")
+    demo.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     simulate = sub.add_parser(
         "simulate",
         help="publish realistic factory telemetry to the telemetry topic",
@@ -127,7 +134,8 @@ def _worker_command(faust_args: list[str]) -> int:
     from app.main import create_app  # faust is slow to import; only the worker needs it
 
     app = create_app(settings)
-    sys.argv = ["millstream worker", "worker", "--loglevel", settings.log_level, *faust_args]
+    faust_level = {"warning": "warn"}.get(settings.log_level, settings.log_level)  # faust's own spelling
+    sys.argv = ["millstream worker", "worker", "--loglevel", faust_level, *faust_args]
     app.main()  # faust's click CLI; exits the process
     return 0
 
@@ -142,6 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _settings_command(args)
     if args.command == "simulate":
         return _simulate_command(args)
+    if args.command == "demo":
+        if args.duration <= 0 or args.devices < 1:
+            return _fail("--duration must be positive and --devices at least 1")
+        from app.demo import run_demo
+
+        return run_demo(args.duration, args.devices, args.json)
     parser.print_help()
     return 0 if args.command is None else 2
 

