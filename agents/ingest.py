@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import weakref
 from typing import Any
 
@@ -142,6 +143,7 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
     sinks = [s for s in (pipeline.raw_sink, pipeline.aggregate_sink) if s is not None]
 
     guard: OffsetGuard | None = None
+    started: set[str] = set()  # sinks whose start() (connect + DDL) succeeded
 
     def _rebalanced(sender: Any, *args: Any, **kwargs: Any) -> None:
         if guard is not None:
@@ -157,6 +159,7 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
         try:
             for sink in sinks:  # idempotent DDL; retried like writes while the sink is down
                 await pipeline.retry.run(sink.name, sink.start)
+                started.add(sink.name)
             async for events in stream.noack_take(
                 settings.pipeline.batch_messages, within=settings.clickhouse.flush_interval_s
             ):
@@ -193,6 +196,29 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
         finally:
             for sink in sinks:
                 await sink.close()
+
+    @app.page("/healthz")
+    async def healthz(web: Any, request: Any) -> Any:
+        """Liveness: answering at all means the event loop is not stuck."""
+        return web.json({"status": "ok"})
+
+    @app.page("/readyz")
+    async def readyz(web: Any, request: Any) -> Any:
+        """Readiness: sinks connected, state recovered once, no sink failing for long.
+
+        A rebalance does not make a worker unready (its tables were recovered before), so the
+        probe does not flap while partitions move.
+        """
+        problems = [f"{s.name} not connected yet" for s in sinks if s.name not in started]
+        if not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
+            problems.append("table recovery not finished")
+        now = time.monotonic()
+        for name, since in pipeline.retry.failing_since.items():
+            if now - since > settings.pipeline.unready_after_s:
+                problems.append(f"{name} failing for {now - since:.0f}s")
+        if problems:
+            return web.json({"status": "not ready", "problems": problems}, status=503)
+        return web.json({"status": "ready"})
 
     @app.page("/aggregates")
     async def aggregates_page(web: Any, request: Any) -> Any:

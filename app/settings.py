@@ -234,6 +234,9 @@ class PipelineSettings(_Group):
     retry_budget_s: float = Field(
         300.0, gt=0, le=86_400, description="Retry a failing sink this long, then crash the worker."
     )
+    unready_after_s: float = Field(
+        30.0, gt=0, le=86_400, description="/readyz fails once a sink has been failing this long."
+    )
 
 
 class Settings(BaseSettings):

@@ -69,6 +69,7 @@ class RetryPolicy:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.budget_s, self.base_s, self.cap_s, self.sleep = budget_s, base_s, cap_s, sleep
+        self.failing_since: dict[str, float] = {}  # sink -> monotonic time of its first failure in a row
 
     async def run(self, sink_name: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run ``attempt`` until it succeeds; retriable errors back off, the rest propagate.
@@ -79,8 +80,11 @@ class RetryPolicy:
         tries = 0
         while True:
             try:
-                return await attempt()
+                result = await attempt()
+                self.failing_since.pop(sink_name, None)
+                return result
             except RetriableSinkError as exc:
+                self.failing_since.setdefault(sink_name, time.monotonic())
                 tries += 1
                 metrics.SINK_ERRORS.labels(sink=sink_name, kind="retriable").inc()
                 elapsed = time.monotonic() - started

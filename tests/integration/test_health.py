@@ -1,0 +1,70 @@
+"""/healthz and /readyz of a real worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.cql_server import CqlServer
+from tests.support.servers import ClickHouseServer, TansuBroker, free_port
+from tests.support.world import World, create_topic
+
+pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.cql, pytest.mark.timeout(180)]
+
+
+def probe(port: int, path: str) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def wait_for(port: int, path: str, status: int, timeout: float = 60) -> dict[str, object]:
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            code, body = probe(port, path)
+            if code == status:
+                return body
+            last = (code, body)
+        except OSError as exc:
+            last = exc
+        time.sleep(0.5)
+    raise AssertionError(f"{path} never answered {status}; last: {last}")
+
+
+@pytest.fixture
+def world(
+    kafka_broker: TansuBroker, clickhouse_server: ClickHouseServer, cql_server: CqlServer, tmp_path: Path
+) -> Iterator[World]:
+    world = World(kafka_broker, clickhouse_server, cql_server, tmp_path)
+    asyncio.run(create_topic(kafka_broker.bootstrap, world.topic))
+    yield world
+    world.stop_all()
+
+
+def test_ready_once_sinks_are_connected(world: World) -> None:
+    worker = world.start_worker()
+    body = wait_for(worker.web_port, "/readyz", 200)
+    assert body == {"status": "ready"}
+    assert probe(worker.web_port, "/healthz") == (200, {"status": "ok"})
+
+
+def test_not_ready_while_clickhouse_is_unreachable(world: World) -> None:
+    nowhere = f"clickhouse://default@127.0.0.1:{free_port()}/{world.database}"
+    worker = world.start_worker(MILLSTREAM_CLICKHOUSE__URL=nowhere, MILLSTREAM_PIPELINE__UNREADY_AFTER_S="2")
+    wait_for(worker.web_port, "/healthz", 200)  # alive, just not ready
+    body = wait_for(worker.web_port, "/readyz", 503)
+    problems = body["problems"]
+    assert isinstance(problems, list) and "clickhouse not connected yet" in problems
+    time.sleep(3)
+    code, body = probe(worker.web_port, "/readyz")
+    assert code == 503 and any("clickhouse failing for" in p for p in body["problems"])  # type: ignore[union-attr]
