@@ -148,6 +148,23 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
     def _rebalanced(sender: Any, *args: Any, **kwargs: Any) -> None:
         if guard is not None:
             guard.reset()
+        metrics.CONSUMER_LAG.clear()  # partitions this worker no longer owns must not linger
+
+    @app.timer(5.0)  # type: ignore[untyped-decorator]
+    async def report_lag() -> None:
+        # High-water from the last fetch response (tansu answers ListOffsets wrongly for
+        # batched records, fetch responses right), committed from faust's own bookkeeping.
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            if tp.topic != kafka.telemetry_topic:
+                continue
+            committed = consumer._committed_offset.get(tp)  # type: ignore[attr-defined]
+            try:
+                high = consumer.highwater(tp)
+            except Exception:
+                continue
+            if isinstance(high, int) and isinstance(committed, int):
+                metrics.CONSUMER_LAG.labels(partition=str(tp.partition)).set(max(0, high - committed))
 
     app.on_partitions_revoked.connect(_rebalanced)  # type: ignore[arg-type]
     app.on_partitions_assigned.connect(_rebalanced)  # type: ignore[arg-type]

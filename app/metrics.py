@@ -41,3 +41,5 @@ SINK_LAST_SUCCESS = Gauge(
 ACKED = Counter("millstream_acked_messages_total", "Source messages acked after their writes")
 # Newest event time written to ClickHouse, unix seconds (freshness = now - this).
 NEWEST_EVENT = Gauge("millstream_newest_event_timestamp_seconds", "Newest event time written")
+# Messages in a source partition not yet committed: high-water (from fetch responses) - committed.
+CONSUMER_LAG = Gauge("millstream_consumer_lag_messages", "High-water minus committed offset", ["partition"])
