@@ -293,7 +293,14 @@ def main() -> None:
     print(f"export MILLSTREAM_KAFKA__BOOTSTRAP_SERVERS={broker.bootstrap}")
     print(f"export MILLSTREAM_CLICKHOUSE__URL={clickhouse.url('millstream')}")
     print(f"export MILLSTREAM_SCYLLA__CONTACT_POINTS=127.0.0.1 MILLSTREAM_SCYLLA__PORT={cql.port}")
-    print(f"# logs and data in {root}; Ctrl-C stops all", flush=True)
+    print(f"# logs and data in {root}; Ctrl-C (or SIGTERM) stops all", flush=True)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Explicit handlers: a shell starts background jobs with SIGINT ignored.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         signal.pause()
     except KeyboardInterrupt:
