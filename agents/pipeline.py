@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from agents.windows import COUNT, LAST, LAST_MS, MAX, MIN, OFFSET, SUM, ApplyResult, DeviceState, WindowPolicy
 from app import metrics
@@ -249,12 +249,3 @@ class Pipeline:
         for size, count in late.items():
             metrics.LATE_READINGS.labels(window_size_s=str(size)).inc(count)
         return batch
-
-    def aggregates_of(self, device_key: bytes) -> dict[str, Any]:
-        """A device's current aggregates, for views and the demo."""
-        state = DeviceState.loads(self.state.get(device_key))
-        return {
-            "offset": state.offset,
-            "windows": {k.encode(): v for k, v in state.windows.items()},
-            "latest": state.latest,
-        }

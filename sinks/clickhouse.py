@@ -141,14 +141,13 @@ class ClickHouseRawWriter:
 
     async def _execute(
         self, sql: str, args: Sequence[Any] | None = None, settings: dict[str, Any] | None = None
-    ) -> Any:
+    ) -> None:
         try:
             conn = await self._connect()
             async with conn.cursor() as cursor:
                 if settings:
                     cursor.set_settings(settings)
                 await asyncio.wait_for(cursor.execute(sql, args), self.settings.query_timeout_s)
-                return await cursor.fetchall() if args is None and sql.lstrip().upper().startswith("SELECT") else None
         except (RetriableSinkError, FatalSinkError):
             raise
         except Exception as exc:  # every driver failure is classified, none escapes raw
@@ -176,11 +175,6 @@ class ClickHouseRawWriter:
             metrics.SINK_BATCH_ROWS.labels(sink=self.name).observe(len(chunk))
         metrics.SINK_WRITE_SECONDS.labels(sink=self.name).observe(time.perf_counter() - started)
         metrics.SINK_LAST_SUCCESS.labels(sink=self.name).set(time.time())
-
-    async def query(self, sql: str) -> list[tuple[Any, ...]]:
-        """Run a SELECT (for the CLI and tests)."""
-        result = await self._execute(sql)
-        return list(result or [])
 
     async def close(self) -> None:
         await self._discard()
