@@ -51,9 +51,6 @@ class OffsetGuard:
         committed = await thread.call_thread(aiokafka_consumer.committed, tp)
         return committed if isinstance(committed, int) and committed >= 0 else None
 
-    def _expected(self, tp: Any) -> int | None:
-        return self.next_offset.get(tp)
-
     def admit(self, events: Iterable[Any]) -> tuple[list[Any], dict[Any, int]]:
         """Events to process now, in order; and partitions to rewind (tp -> offset)."""
         admitted: list[Any] = []
@@ -62,7 +59,7 @@ class OffsetGuard:
             tp, offset = event.message.tp, event.message.offset
             if tp in rewind:
                 continue  # after a gap nothing more of this partition until it is re-read
-            expected = self._expected(tp)
+            expected = self.next_offset.get(tp)
             if expected is not None and offset < expected:
                 continue  # delivered again; already processed in this session
             if expected is not None and offset > expected:

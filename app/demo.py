@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from app.broker import EmbeddedBroker, free_port
+from app.broker import EmbeddedBroker, free_port, stop_process
 from app.settings import KafkaSettings
 from app.simulator import Simulator, publish
 
@@ -142,13 +142,7 @@ class Demo:
         raise RuntimeError(f"the worker did not ack every message within {timeout:.0f}s; see {self.workdir}")
 
     def _stop_worker(self) -> None:
-        if self.worker is not None and self.worker.poll() is None:
-            self.worker.terminate()
-            try:
-                self.worker.wait(30)
-            except subprocess.TimeoutExpired:
-                self.worker.kill()
-                self.worker.wait(5)
+        stop_process(self.worker, 30)
 
     def _query(self) -> tuple[int, dict[str, list[list[str]]]]:
         # The worker has exited: the embedded store is ours to read now.

@@ -12,6 +12,7 @@ from tests.support.fixtures import (  # noqa: F401 - fixtures are found by name
     kafka_broker,
     prometheus_factory,
     servers_dir,
+    world,
 )
 
 

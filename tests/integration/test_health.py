@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.support.cql_server import CqlServer
-from tests.support.servers import ClickHouseServer, TansuBroker, free_port
-from tests.support.world import World, create_topic
+from tests.support.servers import free_port
+from tests.support.world import World
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.cql, pytest.mark.timeout(180)]
 
@@ -39,16 +35,6 @@ def wait_for(port: int, path: str, status: int, timeout: float = 60) -> dict[str
             last = exc
         time.sleep(0.5)
     raise AssertionError(f"{path} never answered {status}; last: {last}")
-
-
-@pytest.fixture
-def world(
-    kafka_broker: TansuBroker, clickhouse_server: ClickHouseServer, cql_server: CqlServer, tmp_path: Path
-) -> Iterator[World]:
-    world = World(kafka_broker, clickhouse_server, cql_server, tmp_path)
-    asyncio.run(create_topic(kafka_broker.bootstrap, world.topic))
-    yield world
-    world.stop_all()
 
 
 def test_ready_once_sinks_are_connected(world: World) -> None:

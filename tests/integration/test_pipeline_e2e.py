@@ -8,20 +8,15 @@ import asyncio
 import math
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
 from cassandra.policies import RoundRobinPolicy
 
 from app.simulator import SimulationLog, Simulator
-from tests.support.cql_server import CqlServer
-from tests.support.servers import ClickHouseServer, TansuBroker
 from tests.support.world import (
     World,
     committed_total,
-    create_topic,
     expected_latest,
     expected_windows,
     produce,
@@ -29,22 +24,6 @@ from tests.support.world import (
 )
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.cql, pytest.mark.timeout(420)]
-
-
-@pytest.fixture
-def world(
-    kafka_broker: TansuBroker, clickhouse_server: ClickHouseServer, cql_server: CqlServer, tmp_path: Path
-) -> Iterator[World]:
-    cql_server.faults.clear()
-    world = World(kafka_broker, clickhouse_server, cql_server, tmp_path)
-    asyncio.run(create_topic(kafka_broker.bootstrap, world.topic))
-    yield world
-    world.stop_all()
-    cql_server.faults.clear()
-    if not clickhouse_server.running():
-        clickhouse_server.start()
-    for worker in world.workers:  # shown by pytest when the test failed
-        print(f"--- worker {worker.index} log tail ---\n{worker.tail(60)}")
 
 
 def simulate(messages: int, seed: int) -> tuple[list[tuple[bytes, bytes]], SimulationLog]:

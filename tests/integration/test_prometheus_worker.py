@@ -7,15 +7,13 @@ import json
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from app.simulator import Simulator
-from tests.support.cql_server import CqlServer
-from tests.support.servers import ClickHouseServer, PrometheusServer, TansuBroker
-from tests.support.world import World, create_topic, produce
+from tests.support.servers import PrometheusServer
+from tests.support.world import World, produce
 
 pytestmark = [
     pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.cql, pytest.mark.prometheus, pytest.mark.timeout(180),
@@ -37,16 +35,6 @@ def eventually(prometheus: PrometheusServer, expr: str, check: Callable[[float],
             return last
         time.sleep(1)
     raise AssertionError(f"{expr} never passed its check; last value {last}")
-
-
-@pytest.fixture
-def world(
-    kafka_broker: TansuBroker, clickhouse_server: ClickHouseServer, cql_server: CqlServer, tmp_path: Path
-) -> Iterator[World]:
-    world = World(kafka_broker, clickhouse_server, cql_server, tmp_path)
-    asyncio.run(create_topic(kafka_broker.bootstrap, world.topic))
-    yield world
-    world.stop_all()
 
 
 def test_prometheus_sees_throughput_sinks_dlq_and_lag(

@@ -6,6 +6,7 @@ under ``CI=true``, where `.ci/run` has installed everything.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from tests.support.servers import (
     ServerUnavailable,
     TansuBroker,
 )
+from tests.support.world import World, create_topic
 
 T = TypeVar("T", bound=ManagedProcess)
 
@@ -94,3 +96,23 @@ def prometheus_factory(servers_dir: Path) -> Iterator[Callable[[list[str]], Prom
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def world(
+    kafka_broker: TansuBroker, clickhouse_server: ClickHouseServer, cql_server: CqlServer, tmp_path: Path
+) -> Iterator[World]:
+    """An isolated deployment (own topic, group, database, keyspace) over the session servers.
+
+    Leaves the shared servers as it found them: faults cleared, ClickHouse running.
+    """
+    cql_server.faults.clear()
+    world = World(kafka_broker, clickhouse_server, cql_server, tmp_path)
+    asyncio.run(create_topic(kafka_broker.bootstrap, world.topic))
+    yield world
+    world.stop_all()
+    cql_server.faults.clear()
+    if not clickhouse_server.running():
+        clickhouse_server.start()
+    for worker in world.workers:  # shown by pytest when the test failed
+        print(f"--- worker {worker.index} log tail ---\n{worker.tail(60)}")

@@ -19,6 +19,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from app.broker import free_port
+
 _STARTED: list[ManagedProcess] = []
 
 
@@ -36,12 +38,6 @@ atexit.register(stop_everything)
 
 class ServerUnavailable(RuntimeError):
     """A server's binary is not installed on this machine."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
