@@ -14,6 +14,7 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import faust
@@ -91,6 +92,23 @@ async def crash_worker(app: faust.App, exc: BaseException) -> None:
     await app.crash(exc)
 
 
+def chunk_by_bytes(events: list[Any], limit: int) -> Iterator[list[Any]]:
+    """Consecutive slices of ``events`` whose message values add up to ``limit`` bytes at most
+    (a single larger message is a slice of its own), so a batch of many-reading messages is
+    processed in steps of bounded memory."""
+    chunk: list[Any] = []
+    size = 0
+    for event in events:
+        length = len(event.message.value or b"")
+        if chunk and size + length > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(event)
+        size += length
+    if chunk:
+        yield chunk
+
+
 def bytes_table(app: faust.App, settings: Settings, name: str, help: str) -> Any:
     """A changelog-backed table of bytes to bytes, partitioned like the source topic."""
     options: dict[str, Any] = {}
@@ -166,8 +184,54 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
             if isinstance(high, int) and isinstance(committed, int):
                 metrics.CONSUMER_LAG.labels(partition=str(tp.partition)).set(max(0, high - committed))
 
+    def _assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
+        metrics.REBALANCES.inc()
+        _rebalanced(sender)
+
+    @app.timer(2.0)  # type: ignore[untyped-decorator]
+    async def report_state() -> None:
+        newest = metrics.NEWEST_EVENT._value.get()
+        if newest > 0:
+            metrics.FRESHNESS.set(max(0.0, time.time() - newest))
+        recovery = app.tables.recovery  # type: ignore[attr-defined]
+        metrics.RECOVERY_IN_PROGRESS.set(1 if recovery.in_recovery else 0)
+
     app.on_partitions_revoked.connect(_rebalanced)  # type: ignore[arg-type]
-    app.on_partitions_assigned.connect(_rebalanced)  # type: ignore[arg-type]
+    app.on_partitions_assigned.connect(_assigned)  # type: ignore[arg-type]
+
+    async def handle(stream: Any, events: list[Any]) -> None:
+        assert guard is not None
+        assigned = app.consumer.assignment()
+        # Events of partitions revoked while they waited are left un-acked: the new owner
+        # replays them from the committed offset.
+        owned = [e for e in events if e.message.tp in assigned]
+        # All assigned source partitions at once: one round trip per rebalance.
+        await guard.prepare(tp for tp in assigned if tp.topic == kafka.telemetry_topic)
+        live, rewind = guard.admit(owned)
+        for chunk in chunk_by_bytes(live, settings.pipeline.batch_bytes):
+            batch = [
+                SourceMessage(
+                    e.message.topic,
+                    e.message.partition,
+                    e.message.offset,
+                    e.message.key,
+                    e.message.value,
+                    int(e.message.timestamp * 1000),
+                    handle=e,
+                )
+                for e in chunk
+            ]
+            await pipeline.process(batch)
+            # Everything derived from these offsets is written: ack them, in offset order
+            # (events of one partition arrive in offset order and are acked in that order).
+            for event in chunk:
+                await stream.ack(event)
+            metrics.ACKED.inc(len(chunk))
+            acked_at = time.time()
+            for event in chunk:
+                metrics.ACK_LATENCY.observe(acked_at - event.message.timestamp)
+        if rewind:
+            await guard.rewind(rewind)
 
     @app.agent(source, name="ingest", concurrency=1)
     async def ingest(stream: Any) -> None:
@@ -180,32 +244,10 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
             async for events in stream.noack_take(
                 settings.pipeline.batch_messages, within=settings.clickhouse.flush_interval_s
             ):
-                assigned = app.consumer.assignment()
-                # Events of partitions revoked while they waited are left un-acked: the new
-                # owner replays them from the committed offset.
-                owned = [e for e in events if e.message.tp in assigned]
-                await guard.prepare(e.message.tp for e in owned)
-                live, rewind = guard.admit(owned)
-                batch = [
-                    SourceMessage(
-                        e.message.topic,
-                        e.message.partition,
-                        e.message.offset,
-                        e.message.key,
-                        e.message.value,
-                        int(e.message.timestamp * 1000),
-                        handle=e,
-                    )
-                    for e in live
-                ]
-                await pipeline.process(batch)
-                # Everything derived from these offsets is written: ack them, in offset order
-                # (events of one partition arrive in offset order and are acked in that order).
-                for event in live:
-                    await stream.ack(event)
-                metrics.ACKED.inc(len(live))
-                if rewind:
-                    await guard.rewind(rewind)
+                await handle(stream, events)
+                # faust waits (on a rebalance, on stop) until every event it handed out is
+                # acked or garbage; events the guard skipped are neither while referenced.
+                del events
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

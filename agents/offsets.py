@@ -37,12 +37,18 @@ class OffsetGuard:
         Asked of the broker, not of faust's consumer state, which right after an assignment
         may not be filled in yet while records already flow.
         """
-        for tp in set(tps) - self.next_offset.keys():
-            committed = await self._committed(tp)
-            if committed is None:
-                committed = (await self.consumer.earliest_offsets(tp)).get(tp, 0)
-            self.next_offset.setdefault(tp, committed)
-            log.info("%s starts at offset %s", tp, committed)
+        new = set(tps) - self.next_offset.keys()
+        if not new:
+            return
+        starts = {tp: await self._committed(tp) for tp in new}
+        # One ListOffsets for every partition without a commit (each call waits for a fetch
+        # round of faust's consumer thread, about a second and a half).
+        uncommitted = [tp for tp, offset in starts.items() if offset is None]
+        earliest = await self.consumer.earliest_offsets(*uncommitted) if uncommitted else {}
+        for tp, committed in starts.items():
+            offset = committed if committed is not None else earliest.get(tp, 0)
+            self.next_offset.setdefault(tp, offset)
+            log.info("%s starts at offset %s", tp, offset)
 
     async def _committed(self, tp: Any) -> int | None:
         # faust runs aiokafka in its own thread; ask that consumer, on that thread.

@@ -22,6 +22,8 @@ from sinks.base import RetryPolicy, Sink
 from sinks.clickhouse import RawBatch, RawRow
 from sinks.scylla import AggregateBatch
 
+MAX_FACTORY_LABELS = 200
+
 
 class PipelineHalted(Exception):
     """The pipeline refuses to go on (e.g. the DLQ guard tripped); the worker must crash."""
@@ -91,6 +93,7 @@ class Pipeline:
         self.clock = clock
         self.consecutive_rejects = 0
         self.dlq_progress = dlq_progress
+        self._factories: set[str] = set()
 
     async def process(self, batch: list[SourceMessage]) -> BatchOutcome:
         """Process one batch; see the numbered order below. Raises instead of losing data."""
@@ -122,8 +125,25 @@ class Pipeline:
         metrics.MESSAGES.labels(outcome="replayed").inc(outcome.replayed)
         metrics.READINGS.inc(outcome.readings)
         if raw.rows:
-            metrics.NEWEST_EVENT.set(max(row[7] for row in raw.rows) / 1000)
+            newest: dict[str, int] = {}
+            for message in valid:
+                event_ms = max(reading.event_ms for reading in message.readings)
+                factory = message.readings[0].factory
+                if event_ms > newest.get(factory, 0):
+                    newest[factory] = event_ms
+            for factory, event_ms in newest.items():
+                metrics.FACTORY_NEWEST_EVENT.labels(factory=self._factory_label(factory)).set(event_ms / 1000)
+            metrics.NEWEST_EVENT.set(max(newest.values()) / 1000)
         return outcome
+
+    def _factory_label(self, factory: str) -> str:
+        """Factory names come from devices: bound the label set so bad input cannot explode it."""
+        if factory in self._factories:
+            return factory
+        if len(self._factories) < MAX_FACTORY_LABELS:
+            self._factories.add(factory)
+            return factory or "unknown"
+        return "other"
 
     async def _dead_letter(self, rejected: list[SourceMessage]) -> None:
         """Send rejects to the DLQ once: a replay skips offsets already dead-lettered.
@@ -234,10 +254,12 @@ class Pipeline:
             for size, count in result.late.items():
                 late[size] = late.get(size, 0) + count
             device = device_key.decode()
+            windows = state.windows
             for key in result.touched:
-                agg = state.windows[key]
+                agg = windows[key]  # type: ignore[index]  # a plain tuple finds its WindowKey
+                metric, size_s, start_ms = key
                 batch.windows.append(
-                    (device, key.metric, key.size_s, key.start_ms, key.start_ms + key.size_s * 1000, agg[COUNT],
+                    (device, metric, size_s, start_ms, start_ms + size_s * 1000, agg[COUNT],
                      agg[SUM], agg[MIN], agg[MAX], agg[LAST], agg[LAST_MS], agg[OFFSET])
                 )  # fmt: skip
             for metric in result.latest_touched:

@@ -16,7 +16,7 @@ upserted to ScyllaDB when last changed).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -26,8 +26,9 @@ from models.records import Reading
 COUNT, SUM, MIN, MAX, LAST, LAST_MS, OFFSET = range(7)
 
 
-@dataclass(slots=True, frozen=True)
-class WindowKey:
+class WindowKey(NamedTuple):
+    """A tuple, so the hot path can look windows up by a plain ``(metric, size_s, start_ms)``."""
+
     metric: str
     size_s: int
     start_ms: int
@@ -65,7 +66,7 @@ class DeviceState:
 
 @dataclass(slots=True)
 class ApplyResult:
-    touched: set[WindowKey] = field(default_factory=set)  # aggregates to upsert
+    touched: set[tuple[str, int, int]] = field(default_factory=set)  # (metric, size_s, start_ms) to upsert
     latest_touched: set[str] = field(default_factory=set)  # metrics whose latest value to upsert
     applied: bool = True  # False: a replay, skipped
     late: dict[int, int] = field(default_factory=dict)  # window size -> late readings
@@ -93,38 +94,51 @@ class WindowPolicy:
                             result.touched.add(key)
                 result.latest_touched.update(m for m in reading.metrics if m in state.latest)
             return
-        windows, grace_ms = state.windows, self.grace_ms
+        windows, grace_ms, latest = state.windows, self.grace_ms, state.latest
+        touched, watermark = result.touched, state.watermark_ms
+        # Consecutive readings of a device mostly share their windows: keep each size's
+        # current window's aggregates at hand instead of looking them up per reading.
+        current: dict[int, tuple[int, dict[str, list[Any]]]] = {}
         for reading in readings:
-            event_ms = reading.event_ms
+            event_ms, values = reading.event_ms, reading.metrics
             for size_s in self.sizes_s:
                 size_ms = size_s * 1000
                 start = event_ms - event_ms % size_ms
-                if start + size_ms + grace_ms <= state.watermark_ms:
+                if start + size_ms + grace_ms <= watermark:
                     result.late[size_s] = result.late.get(size_s, 0) + 1
                     continue
-                for metric, value in reading.metrics.items():
-                    key = WindowKey(metric, size_s, start)
-                    agg = windows.get(key)
+                window = current.get(size_s)
+                if window is None or window[0] != start:
+                    window = current[size_s] = (start, {})
+                aggs = window[1]
+                for metric, value in values.items():
+                    agg = aggs.get(metric)
                     if agg is None:
-                        windows[key] = [1, value, value, value, value, event_ms, offset]
-                    else:
-                        agg[COUNT] += 1
-                        agg[SUM] += value
-                        if value < agg[MIN]:
-                            agg[MIN] = value
-                        if value > agg[MAX]:
-                            agg[MAX] = value
-                        if event_ms >= agg[LAST_MS]:
-                            agg[LAST], agg[LAST_MS] = value, event_ms
-                        agg[OFFSET] = offset
-                    result.touched.add(key)
-            for metric, value in reading.metrics.items():
-                latest = state.latest.get(metric)
-                if latest is None or event_ms >= latest[1]:
-                    state.latest[metric] = [value, event_ms, offset]
+                        probe = (metric, size_s, start)  # equal to, and hashed like, its WindowKey
+                        touched.add(probe)
+                        agg = windows.get(probe)  # type: ignore[call-overload]
+                        if agg is None:
+                            agg = [1, value, value, value, value, event_ms, offset]
+                            windows[WindowKey(metric, size_s, start)] = aggs[metric] = agg
+                            continue
+                        aggs[metric] = agg
+                    agg[COUNT] += 1
+                    agg[SUM] += value
+                    if value < agg[MIN]:
+                        agg[MIN] = value
+                    if value > agg[MAX]:
+                        agg[MAX] = value
+                    if event_ms >= agg[LAST_MS]:
+                        agg[LAST], agg[LAST_MS] = value, event_ms
+                    agg[OFFSET] = offset
+            for metric, value in values.items():
+                last = latest.get(metric)
+                if last is None or event_ms >= last[1]:
+                    latest[metric] = [value, event_ms, offset]
                     result.latest_touched.add(metric)
-            if event_ms > state.watermark_ms:
-                state.watermark_ms = event_ms
+            if event_ms > watermark:
+                watermark = event_ms
+        state.watermark_ms = watermark
         state.offset = offset
 
     def evict(self, state: DeviceState) -> int:

@@ -1,4 +1,4 @@
-"""The ``millstream`` command: ``worker``, ``demo``, ``simulate`` and ``settings``."""
+"""The ``millstream`` command: ``worker``, ``demo``, ``bench``, ``simulate`` and ``settings``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=20.0, help="seconds of simulated traffic (default 20)")
     demo.add_argument("--devices", type=int, default=50, help="simulated devices (default 50)")
     demo.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
+    bench = sub.add_parser(
+        "bench",
+        help="measure throughput, latency and memory against the goals (bundled broker, one run)",
+        description="Produce once, then time: a plain aiokafka consumer, a bare faust agent, the full pipeline "
+        "with single-reading and batched messages, and latency at half the pipeline rate. Prints a table; "
+        "--json ends with one JSON object.",
+    )
+    bench.add_argument("--messages", type=int, default=100_000, help="single-reading messages (default 100000)")
+    bench.add_argument("--batched-messages", type=int, default=4_000, help="batched messages (default 4000)")
+    bench.add_argument("--batch-size", type=int, default=50, help="readings per batched message (default 50)")
+    bench.add_argument("--devices", type=int, default=200, help="devices (default 200)")
+    bench.add_argument("--latency-seconds", type=float, default=15.0, help="live load for latency (default 15)")
+    bench.add_argument(
+        "--clickhouse-url", default=None, help="a ClickHouse server (clickhouse://...); default: embedded chdb"
+    )
+    bench.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     simulate = sub.add_parser(
         "simulate",
         help="publish realistic factory telemetry to the telemetry topic",
@@ -150,6 +166,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _settings_command(args)
     if args.command == "simulate":
         return _simulate_command(args)
+    if args.command == "bench":
+        if min(args.messages, args.batched_messages, args.batch_size, args.devices) < 1 or args.latency_seconds <= 0:
+            return _fail("--messages, --batched-messages, --batch-size and --devices must be at least 1, "
+                         "--latency-seconds positive")  # fmt: skip
+        from app.bench import BenchOptions, run_bench
+
+        options = BenchOptions(
+            messages=args.messages, batched_messages=args.batched_messages, batch_size=args.batch_size,
+            devices=args.devices, latency_seconds=args.latency_seconds, clickhouse_url=args.clickhouse_url,
+        )  # fmt: skip
+        return run_bench(options, args.json)
     if args.command == "demo":
         if args.duration <= 0 or args.devices < 1:
             return _fail("--duration must be positive and --devices at least 1")

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from app.broker import EmbeddedBroker, free_port, stop_process
+from app.broker import EmbeddedBroker
+from app.local import LocalWorker, metric_value
 from app.settings import KafkaSettings
 from app.simulator import Simulator, publish
 
@@ -34,46 +31,12 @@ EXAMPLE_QUERIES = {
 }
 
 
-def _metric(text: str, name: str, labels: str = "") -> float:
-    pattern = re.escape(name) + (re.escape("{" + labels + "}") if labels else "") + r" ([0-9.e+]+)"
-    match = re.search(r"^" + pattern + "$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
-
-
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return str(response.read().decode())
-
-
 class Demo:
     def __init__(self, *, duration: float, devices: int, workdir: Path, say: Callable[[str], None]) -> None:
         self.duration, self.devices, self.workdir, self.say = duration, devices, workdir, say
         self.broker = EmbeddedBroker(workdir / "broker.log")
-        self.web_port = free_port()
         self.chdb_path = workdir / "clickhouse"
-        self.worker: subprocess.Popen[bytes] | None = None
-
-    def worker_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MILLSTREAM_")}
-        env.update(
-            MILLSTREAM_KAFKA__BOOTSTRAP_SERVERS=self.broker.bootstrap,
-            MILLSTREAM_KAFKA__TELEMETRY_TOPIC=TOPIC,
-            MILLSTREAM_KAFKA__REPLICATION_FACTOR="1",
-            MILLSTREAM_KAFKA__PRODUCER_MAX_BATCH_SIZE="1",  # the bundled broker's recovery needs it
-            MILLSTREAM_KAFKA__SESSION_TIMEOUT_S="10",
-            MILLSTREAM_KAFKA__REQUEST_TIMEOUT_S="30",
-            MILLSTREAM_CLICKHOUSE__URL=f"chdb://{self.chdb_path}",
-            MILLSTREAM_SCYLLA__ENABLED="false",
-            MILLSTREAM_STORE="memory",
-            MILLSTREAM_DATA_DIR=str(self.workdir / "worker"),
-            MILLSTREAM_WEB_HOST="127.0.0.1",
-            MILLSTREAM_WEB_PORT=str(self.web_port),
-            MILLSTREAM_LOG_LEVEL="warning",
-        )
-        return env
-
-    def metrics(self) -> str:
-        return _get(f"http://127.0.0.1:{self.web_port}/metrics")
+        self.worker: LocalWorker | None = None
 
     def run(self) -> dict[str, Any]:
         self.say(f"starting the bundled Kafka-compatible broker (logs in {self.workdir})")
@@ -84,28 +47,33 @@ class Demo:
         simulator = Simulator(devices=self.devices, seed=int(time.time()) % 10_000)
         messages = max(100, int(self.devices * 2 * self.duration))
         asyncio.run(publish(kafka, simulator, messages=0, rate=None, create_topic=True, progress=self.say))
+        self.worker = worker = LocalWorker(
+            name="worker", workdir=self.workdir, bootstrap=self.broker.bootstrap, topic=TOPIC,
+            clickhouse_url=f"chdb://{self.chdb_path}",
+            # The bundled broker reports end offsets right only for one record per batch,
+            # and changelog recovery reads them.
+            settings={"KAFKA__PRODUCER_MAX_BATCH_SIZE": "1", "KAFKA__CONSUMER_GROUP": "millstream",
+                      "KAFKA__DLQ_TOPIC": "telemetry-dlq"},
+        )  # fmt: skip
         self.say(
-            f"starting a worker: raw rows to embedded ClickHouse at {self.chdb_path}, /metrics on :{self.web_port}"
+            f"starting a worker: raw rows to embedded ClickHouse at {self.chdb_path}, /metrics on :{worker.web_port}"
         )
-        with open(self.workdir / "worker.log", "ab") as worker_log:
-            self.worker = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "worker"], env=self.worker_env(), stdout=worker_log,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
+        worker.start()
         self.say(f"publishing {messages} messages from {self.devices} devices over ~{self.duration:.0f}s")
         sent = asyncio.run(
             publish(kafka, simulator, messages=messages, rate=messages / self.duration, create_topic=False,
                     progress=self.say)
         )  # fmt: skip
-        text = self._wait_acked(sent)
-        aggregates = json.loads(_get(f"http://127.0.0.1:{self.web_port}/aggregates"))
-        self._stop_worker()
+        text = worker.wait_acked(sent, timeout=120, progress=self.say)
+        self.say(f"all {sent} messages processed and acked")
+        aggregates = json.loads(worker.get("/aggregates")[1])
+        worker.stop()
         stored, examples = self._query()
         log = simulator.log
         return {
             "produced": sent,
-            "processed": int(_metric(text, "millstream_messages_total", 'outcome="processed"')),
-            "dlq": int(_metric(text, "millstream_dlq_messages_total")),
+            "processed": int(metric_value(text, "millstream_messages_total", 'outcome="processed"')),
+            "dlq": int(metric_value(text, "millstream_dlq_messages_total")),
             "malformed_sent": log.malformed,
             "valid_readings": log.valid_readings,
             "late_readings": int(sum(1 for r in log.readings if r.late)),
@@ -115,34 +83,9 @@ class Demo:
             "aggregate_devices": aggregates["devices"],
             "aggregates_source": "worker tables (no ScyllaDB configured)",
             "lost": log.expected_rows - stored,
-            "metrics_url": f"http://127.0.0.1:{self.web_port}/metrics (while the demo ran)",
+            "metrics_url": f"http://127.0.0.1:{worker.web_port}/metrics (while the demo ran)",
             "examples": examples,
         }
-
-    def _wait_acked(self, sent: int, timeout: float = 120) -> str:
-        deadline, last = time.monotonic() + timeout, 0.0
-        text = ""
-        while time.monotonic() < deadline:
-            assert self.worker is not None
-            if self.worker.poll() is not None:
-                raise RuntimeError(f"the worker exited with {self.worker.returncode}; see {self.workdir}/worker.log")
-            try:
-                text = self.metrics()
-            except OSError:
-                time.sleep(0.5)
-                continue
-            acked = _metric(text, "millstream_acked_messages_total")
-            if acked >= sent:
-                self.say(f"all {sent} messages processed and acked")
-                return text
-            if time.monotonic() - last >= 3:
-                last = time.monotonic()
-                self.say(f"worker has acked {acked:.0f}/{sent} messages")
-            time.sleep(0.5)
-        raise RuntimeError(f"the worker did not ack every message within {timeout:.0f}s; see {self.workdir}")
-
-    def _stop_worker(self) -> None:
-        stop_process(self.worker, 30)
 
     def _query(self) -> tuple[int, dict[str, list[list[str]]]]:
         # The worker has exited: the embedded store is ours to read now.
@@ -162,7 +105,8 @@ class Demo:
             db.close()
 
     def close(self) -> None:
-        self._stop_worker()
+        if self.worker is not None:
+            self.worker.stop()
         self.broker.stop()
 
 

@@ -59,6 +59,7 @@ def create_app(settings: Settings) -> faust.App:
         processing_guarantee="at_least_once",
         topic_partitions=kafka.partitions,
         topic_replication_factor=kafka.replication_factor,
+        consumer_group_instance_id=kafka.group_instance_id,
         broker_session_timeout=kafka.session_timeout_s,
         broker_request_timeout=kafka.request_timeout_s,
         broker_heartbeat_interval=min(3.0, kafka.session_timeout_s / 3),
@@ -67,12 +68,31 @@ def create_app(settings: Settings) -> faust.App:
         web_port=settings.web_port,
         table_cleanup_interval=30.0,
     )
+    _set_fetch_max_wait(kafka.fetch_max_wait_ms)
     app.millstream_settings = settings  # type: ignore[attr-defined]
     _setup_metrics(app)
     from agents.ingest import register
 
     register(app, settings)
     return app
+
+
+def _set_fetch_max_wait(milliseconds: int) -> None:
+    """faust builds its aiokafka consumer with ``fetch_max_wait_ms=1500`` and no way to change
+    it. A broker that holds every fetch that long when no data is waiting (tansu does; Kafka
+    answers as soon as data arrives) delays each record by up to that much; set ours."""
+    from faust.transport.drivers import aiokafka as driver
+
+    thread_class: Any = driver.AIOKafkaConsumerThread
+    original = getattr(thread_class, "_millstream_original_create", thread_class._create_worker_consumer)
+
+    def create_worker_consumer(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = milliseconds  # read by consumer.start() for its fetcher
+        return consumer
+
+    thread_class._millstream_original_create = original
+    thread_class._create_worker_consumer = create_worker_consumer
 
 
 def _setup_metrics(app: faust.App) -> None:

@@ -39,7 +39,22 @@ SINK_LAST_SUCCESS = Gauge(
 )
 # Source messages acked after all their writes (commit-after-write).
 ACKED = Counter("millstream_acked_messages_total", "Source messages acked after their writes")
+# From a record's producer timestamp to its ack (both sinks written): end-to-end delay.
+ACK_LATENCY = Histogram(
+    "millstream_ack_latency_seconds", "Producer timestamp of a source record to its ack after both writes",
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, 1.25, 1.5, 2, 3, 5, 10, 30, 60, 300),
+)  # fmt: skip
 # Newest event time written to ClickHouse, unix seconds (freshness = now - this).
 NEWEST_EVENT = Gauge("millstream_newest_event_timestamp_seconds", "Newest event time written")
+# now - newest event time written, refreshed every few seconds (event-time freshness).
+FRESHNESS = Gauge("millstream_event_freshness_seconds", "Now minus the newest event time written")
+# Newest event time written per factory (few factories: a bounded label), for "no data" alerts.
+FACTORY_NEWEST_EVENT = Gauge(
+    "millstream_factory_newest_event_timestamp_seconds", "Newest event time written, per factory", ["factory"]
+)
+# 1 while faust recovers tables from their changelogs (after start or a rebalance).
+RECOVERY_IN_PROGRESS = Gauge("millstream_table_recovery_in_progress", "1 while tables recover from changelogs")
+# Partition assignments this worker went through (each one a rebalance).
+REBALANCES = Counter("millstream_rebalances_total", "Partition assignments received (rebalances)")
 # Messages in a source partition not yet committed: high-water (from fetch responses) - committed.
 CONSUMER_LAG = Gauge("millstream_consumer_lag_messages", "High-water minus committed offset", ["partition"])

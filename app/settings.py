@@ -58,6 +58,11 @@ class KafkaSettings(_Group):
     dlq_topic: str = Field("telemetry-dlq", min_length=1, description="Dead-letter topic for rejected input.")
     alerts_topic: str = Field("telemetry-alerts", min_length=1, description="Topic for alerts.")
     consumer_group: str = Field("millstream", min_length=1, description="Consumer group id; also the faust app id.")
+    group_instance_id: str | None = Field(
+        None,
+        description="Static group membership id, unique per worker (the pod name): a restarted worker gets its "
+        "partitions back without a rebalance.",
+    )
     partitions: int = Field(
         4, ge=1, le=10_000, description="Partitions of the telemetry topic (changelogs must match)."
     )
@@ -82,6 +87,10 @@ class KafkaSettings(_Group):
     request_timeout_s: float = Field(
         40.0, gt=0, le=3600, description="Broker request timeout; must be >= session_timeout_s."
     )
+    fetch_max_wait_ms: int = Field(
+        500, ge=0, le=30_000,
+        description="Longest the broker may hold a fetch waiting for data (faust alone would fix 1500).",
+    )  # fmt: skip
     producer_max_batch_size: int = Field(
         16384, ge=1, description="Producer batch size in bytes (tests against tansu use 1)."
     )
@@ -125,7 +134,7 @@ class ClickHouseSettings(_Group):
     )
     password: SecretStr = Field(SecretStr(""), description="ClickHouse password (secret).")
     table: str = Field("telemetry_raw", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Raw rows table.")
-    batch_rows: int = Field(10_000, ge=1, le=10_000_000, description="Rows per insert at most.")
+    batch_rows: int = Field(100_000, ge=1, le=10_000_000, description="Rows per insert at most.")
     flush_interval_s: float = Field(1.0, gt=0, le=600, description="Flush at least this often.")
     connect_timeout_s: float = Field(10.0, gt=0, le=600, description="Connect timeout.")
     query_timeout_s: float = Field(30.0, gt=0, le=3600, description="Timeout of one insert or query.")
@@ -231,6 +240,10 @@ class PipelineSettings(_Group):
     batch_messages: int = Field(
         5000, ge=1, le=1_000_000, description="Messages per batch at most (flushed at least every flush_interval_s)."
     )
+    batch_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=1024**3,
+        description="Message bytes processed (and acked) per step at most; bounds memory for many-reading messages.",
+    )  # fmt: skip
     retry_budget_s: float = Field(
         300.0, gt=0, le=86_400, description="Retry a failing sink this long, then crash the worker."
     )

@@ -34,6 +34,7 @@ TIME_FIELDS = ("ts", "timestamp", "event_time", "time", "ingestion_time")
 METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 MIN_EVENT_MS = 946_684_800_000  # 2000-01-01: older stamps are clock resets, not data
+KNOWN_NAMES_MAX = 10_000  # valid metric names remembered, so each is matched once
 EPOCH_MS_THRESHOLD = 100_000_000_000  # above: milliseconds; below: seconds (until year 5138)
 
 
@@ -86,6 +87,7 @@ class Decoder:
         self.max_readings = max_readings_per_message
         self.max_device_id_length = max_device_id_length
         self.max_future_skew_ms = int(max_future_skew_s * 1000)
+        self._known_names: set[str] = set()
 
     def decode(self, value: bytes, *, timestamp_ms: int, now_ms: int) -> list[Reading] | Rejection:
         """Readings of one message, or why it was rejected. Never raises."""
@@ -152,27 +154,33 @@ class Decoder:
                 return event_ms
         return default_ms
 
-    @staticmethod
-    def _nested_metrics(raw: Any, where: str) -> dict[str, float]:
-        if not isinstance(raw, dict):
+    def _nested_metrics(self, raw: Any, where: str) -> dict[str, float]:
+        if type(raw) is not dict:
             raise _Reject(RejectReason.NO_METRICS, f"{where}metrics is {type(raw).__name__}, not an object")
         if not raw:
             raise _Reject(RejectReason.NO_METRICS, f"{where}metrics is empty")
-        metrics: dict[str, float] = {}
+        known, isfinite = self._known_names, math.isfinite
         for name, value in raw.items():
-            if not METRIC_NAME.fullmatch(name):
-                raise _Reject(RejectReason.BAD_METRIC_NAME, f"{where}metric name {_short(name)}")
-            metrics[name] = _number(value, f"{where}{name}")
-        return metrics
+            if name not in known:
+                self._check_name(name, where)
+            # The common case, a finite float, costs two checks; the rest go the long way.
+            if type(value) is not float or not isfinite(value):
+                raw[name] = _number(value, f"{where}{name}")
+        return raw  # validated in place: every value is now a finite float
 
-    @staticmethod
-    def _flat_metrics(doc: dict[str, Any]) -> dict[str, float]:
+    def _check_name(self, name: str, where: str) -> None:
+        if not METRIC_NAME.fullmatch(name):
+            raise _Reject(RejectReason.BAD_METRIC_NAME, f"{where}metric name {_short(name)}")
+        if len(self._known_names) < KNOWN_NAMES_MAX:  # metric names repeat; remember valid ones
+            self._known_names.add(name)
+
+    def _flat_metrics(self, doc: dict[str, Any]) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for name, value in doc.items():
             if name in METADATA_FIELDS or isinstance(value, bool) or not isinstance(value, int | float):
                 continue  # strings, objects, flags: descriptive fields, not measurements
-            if not METRIC_NAME.fullmatch(name):
-                raise _Reject(RejectReason.BAD_METRIC_NAME, f"metric name {_short(name)}")
+            if name not in self._known_names:
+                self._check_name(name, "")
             metrics[name] = _number(value, name)
         if not metrics:
             raise _Reject(RejectReason.NO_METRICS, "no numeric fields")

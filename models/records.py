@@ -29,9 +29,12 @@ class RejectReason(enum.StrEnum):
     KEY_MISMATCH = "key_mismatch"  # Kafka message key is not the device_id (breaks per-device order)
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Reading:
-    """One measurement instant of one device: several metrics share a timestamp."""
+    """One measurement instant of one device: several metrics share a timestamp.
+
+    Not frozen: a frozen dataclass pays an ``object.__setattr__`` per field, per reading.
+    """
 
     device_id: str
     event_ms: int  # event time, epoch milliseconds

@@ -20,7 +20,7 @@ def test_defaults_are_valid() -> None:
     settings = load_settings()
     assert settings.kafka.bootstrap_servers == ["localhost:9092"]
     assert settings.windows.sizes_s == [60, 3600]
-    assert settings.clickhouse.batch_rows == 10_000
+    assert settings.clickhouse.batch_rows == 100_000
     assert settings.clickhouse.database == "millstream"
     assert settings.store == "rocksdb"
 

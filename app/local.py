@@ -1,0 +1,173 @@
+"""A ``millstream worker`` child process on this machine, for ``millstream demo`` and ``bench``.
+
+Its settings come from the arguments, not from the caller's ``MILLSTREAM_*`` environment, so
+a demo or a benchmark measures the configuration it prints. It is watched through its own
+``/metrics`` page, as an operator would, and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from app.broker import free_port, stop_process
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    """One sample of a Prometheus text exposition (0 when absent)."""
+    pattern = re.escape(name) + (re.escape("{" + labels + "}") if labels else "") + r" ([0-9.e+-]+|[+-]Inf|NaN)"
+    match = re.search(r"^" + pattern + "$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def histogram_quantile(text: str, name: str, q: float, labels: str = "") -> float:
+    """The q-quantile of a histogram, interpolated inside its bucket as PromQL's does."""
+    prefix = labels + "," if labels else ""
+    found = re.findall(
+        r"^" + re.escape(name) + r"_bucket\{" + re.escape(prefix) + r'le="([^"]+)"\} ([0-9.e+-]+)$', text, re.MULTILINE
+    )
+    buckets = sorted((math.inf if le == "+Inf" else float(le), float(count)) for le, count in found)
+    if not buckets or buckets[-1][1] == 0:
+        return math.nan
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound  # beyond the largest finite bucket: its bound is all we know
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / max(count - lower_count, 1e-12)
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (Linux /proc); 0 when unknown."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    match = re.search(r"^VmRSS:\s+(\d+) kB$", status, re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else 0.0
+
+
+class LocalWorker:
+    """``python -m app.cli worker`` with explicit settings, logs in ``workdir/<name>.log``."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        workdir: Path,
+        bootstrap: str,
+        topic: str,
+        clickhouse_url: str,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        self.name, self.workdir = name, workdir
+        self.web_port = free_port()
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.settings = {
+            "KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            "KAFKA__TELEMETRY_TOPIC": topic,
+            "KAFKA__DLQ_TOPIC": f"{topic}-dlq",
+            "KAFKA__CONSUMER_GROUP": f"millstream-{name}",
+            "KAFKA__REPLICATION_FACTOR": "1",
+            "KAFKA__SESSION_TIMEOUT_S": "10",
+            "KAFKA__REQUEST_TIMEOUT_S": "30",
+            "CLICKHOUSE__URL": clickhouse_url,
+            "SCYLLA__ENABLED": "false",
+            "STORE": "memory",
+            "DATA_DIR": str(workdir / name),
+            "WEB_HOST": "127.0.0.1",
+            "WEB_PORT": str(self.web_port),
+            "LOG_LEVEL": "warning",
+            **(settings or {}),
+        }
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MILLSTREAM_")}
+        env.update({f"MILLSTREAM_{key}": value for key, value in self.settings.items()})
+        return env
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "worker"], env=self.env(), stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def check_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the worker exited with {self.proc.returncode}; see {self.log_path}")
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}{path}", timeout=5) as response:
+                return int(response.status), response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metrics(self) -> str:
+        return self.get("/metrics")[1]
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                if self.get("/readyz")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the worker was not ready within {timeout:.0f}s; see {self.log_path}")
+
+    def wait_acked(
+        self,
+        total: int,
+        *,
+        timeout: float,
+        progress: Callable[[str], None],
+        on_poll: Callable[[float, float], None] | None = None,
+        interval: float = 0.5,
+    ) -> str:
+        """Poll /metrics until ``total`` messages are acked; returns the last scrape.
+
+        ``on_poll(monotonic_time, acked)`` sees every scrape (the benchmark times with it).
+        """
+        deadline, last_report = time.monotonic() + timeout, time.monotonic()
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                text = self.metrics()
+            except OSError:
+                time.sleep(interval)
+                continue
+            now = time.monotonic()
+            acked = metric_value(text, "millstream_acked_messages_total")
+            if on_poll is not None:
+                on_poll(now, acked)
+            if acked >= total:
+                return text
+            if now - last_report >= 3:
+                last_report = now
+                progress(f"{self.name}: {acked:.0f}/{total} messages acked")
+            time.sleep(interval)
+        raise RuntimeError(f"the worker did not ack {total} messages within {timeout:.0f}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        stop_process(self.proc, 30)

@@ -1,0 +1,43 @@
+"""`millstream bench --json` end to end, on a small load: every figure the issue asks for."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.kafka, pytest.mark.chdb, pytest.mark.timeout(400)]
+ROOT = Path(__file__).resolve().parents[2]
+FIGURES = (
+    "consume_ceiling_msgs_per_s", "bare_agent_msgs_per_s", "pipeline_msgs_per_s", "pipeline_vs_bare_ratio",
+    "batched_readings_per_s", "latency_p50_s", "latency_p99_s", "rows_per_insert", "rss_peak_mb", "rss_growth_ratio",
+)  # fmt: skip
+
+
+def test_bench_prints_every_figure() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MILLSTREAM_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "bench", "--messages", "6000", "--batched-messages", "300",
+         "--batch-size", "20", "--latency-seconds", "3", "--json"],
+        capture_output=True, text=True, timeout=380, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in FIGURES:
+        value = figures[key]
+        assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (key, value)
+    assert figures["pipeline_vs_bare_ratio"] == pytest.approx(
+        figures["pipeline_msgs_per_s"] / figures["bare_agent_msgs_per_s"], rel=0.01
+    )
+    assert figures["batched_readings"] == 300 * 20
+    assert figures["latency_p50_s"] <= figures["latency_p99_s"]
+    # Inserts hold whole batches of rows, not a row or a message at a time.
+    assert figures["rows_per_insert"] > 100
+    assert "pipeline_vs_bare_ratio" in result.stdout and ">= 0.8" in result.stdout  # the table, with goals
+    for phase in ("1/5", "2/5", "3/5", "4/5", "5/5"):
+        assert f"bench: {phase}" in result.stderr  # progress was shown
