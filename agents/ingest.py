@@ -149,7 +149,12 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
     )
     pipeline = Pipeline(
         decoder=decoder,
-        windows=WindowPolicy(settings.windows.sizes_s, settings.windows.grace_s, settings.windows.retention_windows),
+        windows=WindowPolicy(
+            settings.windows.sizes_s,
+            settings.windows.grace_s,
+            settings.windows.retention_windows,
+            settings.windows.dedup_s,
+        ),
         state=TableStateStore(table),
         raw_sink=raw_writer(settings.clickhouse),
         aggregate_sink=ScyllaAggregateWriter(settings.scylla) if settings.scylla.enabled else None,

@@ -240,6 +240,7 @@ class Pipeline:
             by_device.setdefault(message.key, []).append(message)
         batch = AggregateBatch()
         late: dict[int, int] = {}
+        duplicates = 0
         for device_key, messages in by_device.items():
             state = DeviceState.loads(self.state.get(device_key))
             result = ApplyResult()
@@ -253,6 +254,7 @@ class Pipeline:
                     outcome.replayed += 1
             for size, count in result.late.items():
                 late[size] = late.get(size, 0) + count
+            duplicates += result.duplicates
             device = device_key.decode()
             windows = state.windows
             for key in result.touched:
@@ -270,4 +272,6 @@ class Pipeline:
                 self.state.put(device_key, state.dumps(), messages[-1])
         for size, count in late.items():
             metrics.LATE_READINGS.labels(window_size_s=str(size)).inc(count)
+        if duplicates:
+            metrics.DUPLICATE_READINGS.inc(duplicates)
         return batch

@@ -15,6 +15,7 @@ upserted to ScyllaDB when last changed).
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -48,11 +49,14 @@ class DeviceState:
     watermark_ms: int = 0  # newest event time applied
     windows: dict[WindowKey, list[Any]] = field(default_factory=dict)
     latest: dict[str, list[Any]] = field(default_factory=dict)  # metric -> [value, event_ms, offset]
+    # Event times applied within the dedup horizon, sorted, per metric: a reading re-sent under
+    # a new offset (a device or bridge retry) is recognised and not counted twice.
+    recent: dict[str, list[int]] = field(default_factory=dict)
 
     def dumps(self) -> bytes:
         return orjson.dumps(
             {"o": self.offset, "w": self.watermark_ms, "a": {k.encode(): v for k, v in self.windows.items()},
-             "l": self.latest}
+             "l": self.latest, "r": self.recent}
         )  # fmt: skip
 
     @staticmethod
@@ -61,7 +65,7 @@ class DeviceState:
             return DeviceState()
         doc = orjson.loads(raw)
         windows = {WindowKey.decode(k): v for k, v in doc["a"].items()}
-        return DeviceState(doc["o"], doc["w"], windows, doc["l"])
+        return DeviceState(doc["o"], doc["w"], windows, doc["l"], doc.get("r", {}))
 
 
 @dataclass(slots=True)
@@ -70,13 +74,15 @@ class ApplyResult:
     latest_touched: set[str] = field(default_factory=set)  # metrics whose latest value to upsert
     applied: bool = True  # False: a replay, skipped
     late: dict[int, int] = field(default_factory=dict)  # window size -> late readings
+    duplicates: int = 0  # (metric, event time) pairs already applied under another offset
 
 
 class WindowPolicy:
-    def __init__(self, sizes_s: list[int], grace_s: float, retention_windows: int) -> None:
+    def __init__(self, sizes_s: list[int], grace_s: float, retention_windows: int, dedup_s: float = 0) -> None:
         self.sizes_s = sorted(sizes_s)
         self.grace_ms = int(grace_s * 1000)
         self.retention_windows = retention_windows
+        self.dedup_ms = int(dedup_s * 1000)
 
     def apply(self, state: DeviceState, readings: list[Reading], offset: int, result: ApplyResult) -> None:
         """Apply one message's readings at ``offset``; record what it touched in ``result``."""
@@ -99,8 +105,25 @@ class WindowPolicy:
         # Consecutive readings of a device mostly share their windows: keep each size's
         # current window's aggregates at hand instead of looking them up per reading.
         current: dict[int, tuple[int, dict[str, list[Any]]]] = {}
+        recent, dedup_ms = state.recent, self.dedup_ms
         for reading in readings:
             event_ms, values = reading.event_ms, reading.metrics
+            if dedup_ms and event_ms > watermark - dedup_ms:  # older re-sends are not recognised
+                if event_ms <= watermark:  # only a reading at or behind the newest can be a re-send
+                    seen = [m for m in values if _contains(recent.get(m), event_ms)]
+                    if seen:
+                        result.duplicates += len(seen)
+                        values = {m: v for m, v in values.items() if m not in seen}
+                        if not values:
+                            continue
+                for metric in values:
+                    times = recent.get(metric)
+                    if times is None:
+                        recent[metric] = [event_ms]
+                    elif event_ms >= times[-1]:
+                        times.append(event_ms)
+                    else:
+                        insort(times, event_ms)
             for size_s in self.sizes_s:
                 size_ms = size_s * 1000
                 start = event_ms - event_ms % size_ms
@@ -151,4 +174,15 @@ class WindowPolicy:
         ]
         for key in stale:
             del state.windows[key]
+        horizon = watermark - self.dedup_ms
+        for times in state.recent.values():
+            if times[0] <= horizon:
+                del times[: bisect_right(times, horizon)]
         return len(stale)
+
+
+def _contains(times: list[int] | None, event_ms: int) -> bool:
+    if not times:
+        return False
+    index = bisect_left(times, event_ms)
+    return index < len(times) and times[index] == event_ms

@@ -19,6 +19,8 @@ REJECTS = Counter("millstream_rejects_total", "Messages rejected to the DLQ, by 
 DLQ_MESSAGES = Counter("millstream_dlq_messages_total", "Messages produced to the dead-letter topic")
 # Readings too late for a window size (window end + grace before the device watermark).
 LATE_READINGS = Counter("millstream_late_readings_total", "Readings not applied to a window size", ["window_size_s"])
+# (metric, event time) pairs re-sent under a new offset and not applied to windows again.
+DUPLICATE_READINGS = Counter("millstream_duplicate_readings_total", "Re-sent readings recognised and not counted twice")
 # Rows or aggregates per successful sink write.
 SINK_BATCH_ROWS = Histogram(
     "millstream_sink_batch_rows", "Rows per successful sink write", ["sink"],

@@ -208,6 +208,11 @@ class WindowSettings(_Group):
         default_factory=lambda: [60, 3600], description="Window sizes in seconds, comma-separated."
     )
     grace_s: float = Field(60.0, ge=0, le=86_400, description="How late a reading may be and still count.")
+    dedup_s: float = Field(
+        300.0, ge=0, le=86_400,
+        description="A reading re-sent under a new offset within this much event time of the device's newest is "
+        "applied to windows once (0: off).",
+    )  # fmt: skip
     retention_windows: int = Field(3, ge=1, le=1000, description="How many closed windows of each size a table keeps.")
 
     _split = field_validator("sizes_s", mode="before")(_split_csv)

@@ -1,8 +1,9 @@
 """Raw readings to ClickHouse ``telemetry_raw``, one row per (reading, metric).
 
-Idempotent on replay: the table is a ReplacingMergeTree whose sorting key ends with
-(kafka_partition, kafka_offset, reading_index, metric), which names a row; a replayed row has
-the same key and collapses on merge and under ``FINAL``. On servers that have it (22.2+),
+Idempotent on replay and on re-sent input: the table is a ReplacingMergeTree whose sorting key
+is (device_id, metric, event_time, event_ms), which names a measurement; a replayed row, or the
+same reading re-sent by a device or bridge under a new offset, has the same key and collapses
+on merge and under ``FINAL``. On servers that have it (22.2+),
 each insert also carries ``insert_deduplication_token`` = topic/partition/first-last offsets,
 so the batch, rebuilt identically on retry, is not stored twice at all on replicated tables.
 
@@ -51,7 +52,7 @@ CREATE TABLE IF NOT EXISTS {database}.{table} (
     reading_index UInt32
 ) ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(event_time)
-ORDER BY (device_id, metric, event_time, kafka_partition, kafka_offset, reading_index)
+ORDER BY (device_id, metric, event_time, event_ms)
 """
 
 # ---- error classification (ClickHouse server error codes, src/Common/ErrorCodes.cpp)

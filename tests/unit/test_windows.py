@@ -103,3 +103,37 @@ def test_crash_and_replay_gives_the_same_state(values: list[tuple[int, float]], 
     restored = DeviceState.loads(state.dumps())
     apply_all(restored, messages[committed:])
     assert restored == straight
+
+
+dedup_policy = WindowPolicy([60, 3600], grace_s=10, retention_windows=2, dedup_s=300)
+
+
+def test_a_reading_resent_under_a_new_offset_counts_once() -> None:
+    state, result = DeviceState(), ApplyResult()
+    sent = [reading(T0 + 1000, t=1.0, h=50.0), reading(T0 + 2000, t=2.0), reading(T0 + 3000, t=3.0)]
+    for offset, readings in enumerate(sent):
+        dedup_policy.apply(state, readings, offset, result)
+    # A bridge retry re-sends the first two (new offsets), and a new reading follows.
+    for offset, readings in enumerate([sent[0], sent[1], reading(T0 + 4000, t=4.0)], start=3):
+        dedup_policy.apply(state, readings, offset, result)
+    agg = state.windows[WindowKey("t", 60, T0)]
+    assert (agg[COUNT], agg[SUM]) == (4, 10.0)
+    assert state.windows[WindowKey("h", 60, T0)][COUNT] == 1
+    assert result.duplicates == 3  # t and h of the first, t of the second
+    # Same metric and time, other metric: a different measurement, applied.
+    dedup_policy.apply(state, reading(T0 + 2000, h=51.0), 6, result)
+    assert state.windows[WindowKey("h", 60, T0)][COUNT] == 2
+
+
+def test_dedup_survives_the_changelog_and_forgets_beyond_its_horizon() -> None:
+    state = DeviceState()
+    dedup_policy.apply(state, reading(T0 + 1000, t=1.0), 0, ApplyResult())
+    state = DeviceState.loads(state.dumps())  # as after a restart, from the changelog
+    result = ApplyResult()
+    dedup_policy.apply(state, reading(T0 + 1000, t=1.0), 1, result)
+    assert result.duplicates == 1 and state.windows[WindowKey("t", 3600, T0 - T0 % 3_600_000)][COUNT] == 1
+    dedup_policy.apply(state, reading(T0 + 400_000, t=2.0), 2, result)
+    dedup_policy.evict(state)
+    assert state.recent["t"] == [T0 + 400_000]  # 1 s is more than 300 s behind: forgotten
+    dedup_policy.apply(state, reading(T0 + 1000, t=1.0), 3, result)  # documented: counted again
+    assert state.windows[WindowKey("t", 3600, T0 - T0 % 3_600_000)][COUNT] == 3
