@@ -107,12 +107,14 @@ class WorkerProcess:
         self.overrides = overrides
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.expected_alive = False  # False once a test stopped or killed it on purpose
 
     def start(self) -> None:
         env = self.world.env(
             MILLSTREAM_WEB_PORT=str(self.web_port), MILLSTREAM_DATA_DIR=str(self.datadir), **self.overrides
         )
         self.starts += 1
+        self.expected_alive = True
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== start {self.starts} =====\n".encode())
             self.proc = subprocess.Popen(
@@ -137,11 +139,13 @@ class WorkerProcess:
 
     def kill9(self) -> None:
         assert self.proc is not None
+        self.expected_alive = False
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
     def stop(self, timeout: float = 30) -> int | None:
         """SIGTERM by PID (graceful), SIGKILL if it lingers; returns the exit code."""
+        self.expected_alive = False
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
         self.proc.terminate()

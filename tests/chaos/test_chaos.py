@@ -1,0 +1,234 @@
+"""Break things under load, then count: nothing lost, nothing twice, every aggregate exact.
+
+Each scenario drives simulated traffic through real `millstream worker` processes (tansu,
+ClickHouse 18.16, the CQL server), injects its failure, waits until everything produced is
+committed and stored, and audits the result independently (tests/support/audit.py). The
+audit goes into the chaos report before the assertions, so a failing scenario shows its
+numbers too. Run on its own with ``python -m pytest tests/chaos``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+
+from app.local import metric_value, rss_mb
+from app.simulator import SimulationLog
+from tests.chaos.poison import KINDS, poison
+from tests.support.audit import (
+    Audit,
+    audit,
+    committed,
+    produce_in_background,
+    simulate,
+    stored_rows,
+    wait_until_complete,
+)
+from tests.support.proxy import DelayProxy
+from tests.support.world import World, produce
+
+pytestmark = [pytest.mark.chaos, pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.cql, pytest.mark.timeout(480)]
+Record = Callable[[Audit], Audit]
+
+
+def wait_for_rows(world: World, at_least: int = 1, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while (rows := stored_rows(world)) < at_least:
+        assert time.monotonic() < deadline, f"no progress: {rows} rows after {timeout}s"
+        time.sleep(0.2)
+    return rows
+
+
+def finish(world: World, record: Record, scenario: str, log: SimulationLog, sent: int, fault_end: float,
+           malformed_extra: int = 0, **details: object) -> Audit:  # fmt: skip
+    incomplete = None
+    try:
+        wait_until_complete(world, log, sent, timeout=240)
+    except AssertionError as exc:  # still count what is there: the report shows what was lost
+        incomplete = str(exc).splitlines()[0]
+    result = audit(world, log, sent, scenario=scenario, recovery_s=time.monotonic() - fault_end,
+                   malformed_extra=malformed_extra)  # fmt: skip
+    result.details.update(details)
+    if incomplete:
+        result.details["incomplete"] = incomplete
+    record(result)
+    assert result.ok and not incomplete, result.as_dict()
+    return result
+
+
+def test_crash_loop_ten_kill9_under_load(world: World, record: Record) -> None:
+    traffic, log = simulate(9000, seed=21)
+    rng = random.Random(21)
+    worker = world.start_worker()
+    worker.wait_ready()
+    producer = produce_in_background(world, traffic, rate=100)
+    rows_at_kill = []
+    for kill in range(10):
+        # At a random moment while it processes (every third kill: during start-up/recovery).
+        if kill % 3 != 2:
+            worker.wait_ready()
+        time.sleep(rng.uniform(0.3, 3.0))
+        rows_at_kill.append(stored_rows(world))
+        worker.kill9()
+        worker.start()
+    fault_end = time.monotonic()
+    assert 0 < rows_at_kill[0] < rows_at_kill[-1] < log.expected_rows, "the kills must land while data flows"
+    producer.join(120)
+    finish(world, record, "crash loop: 10 x kill -9", log, len(traffic), fault_end, rows_at_kill=rows_at_kill)
+
+
+def test_rebalance_join_leave_and_die(world: World, record: Record) -> None:
+    traffic, log = simulate(7000, seed=22)
+    first, second = world.start_worker(), world.start_worker()
+    first.wait_ready()
+    second.wait_ready()
+    producer = produce_in_background(world, traffic, rate=120)
+    time.sleep(8)
+    third = world.start_worker()  # joins mid-load
+    time.sleep(12)
+    graceful_exit = first.stop(60)  # SIGTERM: leaves the group cleanly
+    time.sleep(12)
+    second.kill9()  # dies without a word
+    fault_end = time.monotonic()
+    producer.join(120)
+    assert third.proc is not None and third.proc.poll() is None
+    finish(world, record, "rebalance: +1 joins, 1 leaves, 1 dies", log, len(traffic), fault_end,
+           graceful_exit_code=graceful_exit)  # fmt: skip
+    assert graceful_exit == 0
+
+
+def test_clickhouse_down_for_thirty_seconds(world: World, record: Record) -> None:
+    traffic, log = simulate(7000, seed=23)
+    worker = world.start_worker()
+    worker.wait_ready()
+    producer = produce_in_background(world, traffic, rate=120)
+    wait_for_rows(world)
+    world.clickhouse.stop()
+    rss, commits = [], []
+    for second in range(30):
+        time.sleep(1)
+        if second == 15:  # and the worker dies while its batch waits for ClickHouse
+            worker.kill9()
+            worker.start()
+        assert worker.proc is not None
+        rss.append(rss_mb(worker.proc.pid))
+        commits.append(committed(world))
+    world.clickhouse.start()
+    fault_end = time.monotonic()
+    producer.join(120)
+    result = finish(world, record, "ClickHouse down 30 s, kill -9 during it", log, len(traffic), fault_end,
+                    rss_peak_mb=max(rss), committed_during_outage=[commits[4], commits[-1]])  # fmt: skip
+    # Consumption paused: nothing was committed while nothing could be written.
+    assert commits[4] == commits[-1], result.details
+    assert max(rss) < 1024, result.details  # memory stayed bounded while input waited in Kafka
+
+
+def test_clickhouse_slow(world: World, record: Record) -> None:
+    traffic, log = simulate(6000, seed=24)
+    proxy = DelayProxy(world.clickhouse.tcp_port)
+    try:
+        url = f"clickhouse://default@127.0.0.1:{proxy.port}/{world.database}"
+        worker = world.start_worker(MILLSTREAM_CLICKHOUSE__URL=url)
+        worker.wait_ready()
+        producer = produce_in_background(world, traffic, rate=150)
+        wait_for_rows(world)
+        assert worker.proc is not None
+        proxy.delay_s = 0.3  # every chunk each way waits 0.3 s
+        rss = []
+        for _ in range(20):
+            time.sleep(1)
+            rss.append(rss_mb(worker.proc.pid))
+        proxy.delay_s = 0.0
+        fault_end = time.monotonic()
+        producer.join(120)
+        result = finish(world, record, "ClickHouse slow (+0.3 s per chunk, 20 s)", log, len(traffic), fault_end,
+                        rss_peak_mb=max(rss))  # fmt: skip
+        assert max(rss) < 1024, result.details
+    finally:
+        proxy.close()
+
+
+def test_scylla_faults_of_every_kind(world: World, record: Record) -> None:
+    traffic, log = simulate(7000, seed=25)
+    worker = world.start_worker()
+    worker.wait_ready()
+    producer = produce_in_background(world, traffic, rate=150)
+    wait_for_rows(world)
+    injected = {}
+    # By count, not by time: a worker backing off after one fault must still meet the next.
+    for kind, count in (("write_timeout", 20), ("unavailable", 20), ("overloaded", 20), ("drop", 3), ("delay", 10)):
+        before = world.cql.faults.injected
+        world.cql.faults.inject(kind, count=count, delay_s=1.5 if kind == "delay" else 0.0)
+        deadline = time.monotonic() + 60
+        while world.cql.faults.injected - before < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        injected[kind] = world.cql.faults.injected - before
+        world.cql.faults.clear()
+    fault_end = time.monotonic()
+    producer.join(120)
+    finish(world, record, "ScyllaDB: timeouts, unavailable, overloaded, drops, slow", log, len(traffic), fault_end,
+           faults_injected=injected)  # fmt: skip
+    assert all(count > 0 for count in injected.values()), injected
+
+
+def test_broker_frozen_for_twenty_seconds(world: World, record: Record) -> None:
+    traffic, log = simulate(6000, seed=26)
+    worker = world.start_worker()
+    worker.wait_ready()
+    producer = produce_in_background(world, traffic, rate=120)
+    wait_for_rows(world)
+    broker_pid = world.broker.pid
+    os.kill(broker_pid, signal.SIGSTOP)
+    try:
+        time.sleep(20)
+    finally:
+        os.kill(broker_pid, signal.SIGCONT)
+    fault_end = time.monotonic()
+    producer.join(180)
+    finish(world, record, "broker frozen 20 s (SIGSTOP)", log, len(traffic), fault_end)
+
+
+def test_poison_input_ten_thousand_bad_messages(world: World, record: Record) -> None:
+    traffic, log = simulate(8000, seed=27)
+    bad = list(poison(10_000, seed=27))
+    rng = random.Random(27)
+    # Bad messages between the valid ones; the valid ones keep their order (lateness depends on it).
+    slots = sorted(rng.randrange(len(traffic) + 1) for _ in bad)
+    mixed: list[tuple[bytes | None, bytes]] = []
+    position = 0
+    for slot, (key, value, _kind) in zip(slots, bad, strict=True):
+        mixed.extend(traffic[position:slot])
+        mixed.append((key, value))
+        position = max(position, slot)
+    mixed.extend(traffic[position:])
+    worker = world.start_worker(MILLSTREAM_LIMITS__MAX_MESSAGE_BYTES="65536")
+    worker.wait_ready()
+    fault_start = time.monotonic()
+    sent = asyncio.run(produce(world.broker.bootstrap, world.topic, mixed))  # type: ignore[arg-type]
+    result = finish(world, record, f"poison: {len(bad)} bad messages mixed in", log, sent, fault_start,
+                    malformed_extra=len(bad), poison_kinds=len(KINDS))  # fmt: skip
+    assert worker.starts == 1 and worker.proc is not None and worker.proc.poll() is None  # never died
+    assert len(result.details["dlq_reasons"]) >= 10  # type: ignore[arg-type]
+
+
+def test_duplicated_input_resent_slice(world: World, record: Record) -> None:
+    traffic, log = simulate(7000, seed=28, malformed=0.0)
+    resent = traffic[2500:4000]  # a bridge retrying 1500 messages it had already delivered
+    sequence = traffic[:4500] + resent + traffic[4500:]
+    worker = world.start_worker()
+    worker.wait_ready()
+    fault_start = time.monotonic()
+    sent = asyncio.run(produce(world.broker.bootstrap, world.topic, sequence, rate=400))
+    result = finish(world, record, f"duplicated input: {len(resent)} messages re-sent", log, sent, fault_start,
+                    resent_messages=len(resent))  # fmt: skip
+    with urllib.request.urlopen(f"http://127.0.0.1:{worker.web_port}/metrics", timeout=5) as response:
+        recognised = metric_value(response.read().decode(), "millstream_duplicate_readings_total")
+    result.details["duplicate_readings_recognised"] = recognised
+    assert recognised > 0  # the windows saw the re-sends and skipped them, not just luck

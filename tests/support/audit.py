@@ -1,0 +1,178 @@
+"""Count what a deployment stored against what was sent, independently of millstream's code.
+
+Used by the end-to-end tests and the chaos suite: raw rows in ClickHouse with and without
+``FINAL``, DLQ records and their origins, every Scylla window aggregate and latest value
+recomputed from the simulator's log, committed offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+from cassandra.policies import RoundRobinPolicy
+
+from app.simulator import SimulationLog, Simulator
+from tests.support.world import World, committed_total, expected_latest, expected_windows, produce, read_dlq
+
+
+def simulate(
+    messages: int, seed: int, *, devices: int = 200, malformed: float = 0.02
+) -> tuple[list[tuple[bytes, bytes]], SimulationLog]:
+    sim = Simulator(devices=devices, seed=seed, malformed_ratio=malformed, late_ratio=0.01, out_of_order_ratio=0.03)
+    traffic = list(sim.messages(messages)) + list(sim.flush())
+    return traffic, sim.log
+
+
+def stored_rows(world: World, final: bool = True) -> int:
+    text = world.clickhouse.query(f"SELECT count() FROM {world.database}.telemetry_raw{' FINAL' if final else ''}")
+    return int(text) if text.strip().isdigit() else -1
+
+
+def committed(world: World) -> int:
+    return asyncio.run(committed_total(world.broker.bootstrap, f"{world.name}-group", world.topic))
+
+
+def wait_until_complete(world: World, log: SimulationLog, sent: int, timeout: float = 180) -> float:
+    """Until every message is committed and every row is in ClickHouse; returns seconds waited."""
+    started = time.monotonic()
+    deadline = started + timeout
+    done = rows = -1
+    while time.monotonic() < deadline:
+        for worker in world.workers:
+            if worker.expected_alive:
+                assert worker.proc is not None and worker.proc.poll() is None, f"worker died:\n{worker.tail()}"
+        done, rows = committed(world), stored_rows(world)
+        if done >= sent and rows >= log.expected_rows:
+            return time.monotonic() - started
+        time.sleep(1)
+    raise AssertionError(f"incomplete after {timeout}s: committed {done}/{sent}, rows {rows}/{log.expected_rows}")
+
+
+def produce_in_background(world: World, traffic: list[tuple[bytes, bytes]], rate: float) -> threading.Thread:
+    thread = threading.Thread(
+        target=lambda: asyncio.run(produce(world.broker.bootstrap, world.topic, traffic, rate=rate)), daemon=True
+    )
+    thread.start()
+    return thread
+
+
+@dataclass
+class Audit:
+    """One scenario's count; ``ok`` is the customer's rule: nothing lost, nothing twice."""
+
+    scenario: str
+    messages_sent: int
+    readings_produced: int  # valid readings plus malformed messages
+    valid_readings: int
+    malformed_sent: int
+    committed: int
+    dlq_records: int
+    dlq_origins: int  # distinct source (partition, offset) in the DLQ
+    dlq_without_reason: int  # DLQ records missing the reason or detail header
+    expected_rows: int
+    rows_final: int
+    rows_before_final: int
+    duplicates_before_final: int
+    duplicates_after_final: int
+    lost: int
+    aggregates_checked: int
+    aggregates_wrong: int
+    latest_checked: int
+    latest_wrong: int
+    recovery_s: float
+    details: dict[str, Any] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.lost == 0
+            and self.duplicates_after_final == 0
+            and self.aggregates_wrong == 0
+            and self.latest_wrong == 0
+            and self.committed == self.messages_sent
+            and self.dlq_origins == self.malformed_sent
+            and self.dlq_without_reason == 0
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def audit(world: World, log: SimulationLog, sent: int, *, scenario: str, recovery_s: float,
+          malformed_extra: int = 0) -> Audit:  # fmt: skip
+    """Count everything; ``malformed_extra`` are bad messages sent besides the simulator's."""
+    malformed = log.malformed + malformed_extra
+    final, raw = stored_rows(world), stored_rows(world, final=False)
+    records = asyncio.run(read_dlq(world.broker.bootstrap, world.dlq_topic, malformed))
+    origins = {
+        (dict(r.headers)["millstream.source.partition"], dict(r.headers)["millstream.source.offset"]) for r in records
+    }
+    reasons: dict[str, int] = {}
+    without_reason = 0
+    for record in records:
+        headers = dict(record.headers)
+        reason = headers.get("millstream.reason", b"").decode()
+        if not reason or not headers.get("millstream.detail"):
+            without_reason += 1
+        reasons[reason] = reasons.get(reason, 0) + 1
+    examples: list[str] = []
+    profile = ExecutionProfile(load_balancing_policy=RoundRobinPolicy())
+    cluster = Cluster(
+        ["127.0.0.1"], port=world.cql.port, protocol_version=4, execution_profiles={EXEC_PROFILE_DEFAULT: profile}
+    )
+    session = cluster.connect()
+    try:
+        windows = {
+            (r.device_id, r.metric, r.window_size_s, int(r.window_start.timestamp() * 1000)): r
+            for r in session.execute(f"SELECT * FROM {world.name}.window_aggregates")
+        }
+        latest = {(r.device_id, r.metric): r for r in session.execute(f"SELECT * FROM {world.name}.latest_values")}
+    finally:
+        cluster.shutdown()
+    expected = expected_windows(log)
+    wrong = len(set(windows) ^ set(expected))
+    for key in set(windows) ^ set(expected):
+        examples.append(f"window {key}: {'missing' if key in expected else 'unexpected'}")
+    for key, (count, total, low, high, last, _last_ms) in expected.items():
+        row = windows.get(key)
+        if row is None:
+            continue
+        if (row.count, row.min, row.max, row.last_value) != (count, low, high, last) or not math.isclose(
+            row.sum, total, rel_tol=1e-9, abs_tol=1e-9
+        ):
+            wrong += 1
+            examples.append(f"window {key}: stored {(row.count, row.sum)} expected {(count, total)}")
+    want_latest = expected_latest(log)
+    got_latest = {k: (r.value, int(r.event_time.timestamp() * 1000)) for k, r in latest.items()}
+    latest_wrong = sum(1 for k in set(want_latest) | set(got_latest) if want_latest.get(k) != got_latest.get(k))
+    return Audit(
+        scenario=scenario,
+        messages_sent=sent,
+        readings_produced=log.valid_readings + malformed,
+        valid_readings=log.valid_readings,
+        malformed_sent=malformed,
+        committed=committed(world),
+        dlq_records=len(records),
+        dlq_origins=len(origins),
+        dlq_without_reason=without_reason,
+        expected_rows=log.expected_rows,
+        rows_final=final,
+        rows_before_final=raw,
+        duplicates_before_final=max(0, raw - final),
+        duplicates_after_final=max(0, final - log.expected_rows),
+        lost=max(0, log.expected_rows - final),
+        aggregates_checked=len(expected),
+        aggregates_wrong=wrong,
+        latest_checked=len(want_latest),
+        latest_wrong=latest_wrong,
+        recovery_s=round(recovery_s, 1),
+        details={"dlq_reasons": dict(sorted(reasons.items()))},
+        examples=examples[:5],
+    )
