@@ -3,7 +3,9 @@
 Phases, each on data produced once before any is timed:
 
 1. ceiling   - a plain aiokafka consumer reads the single-reading topic (one process's limit);
-2. bare      - a faust agent that only counts reads the same topic (the framework floor);
+2. bare      - a faust agent that only counts reads the same topic (the framework floor),
+               once iterating and once in ``noack_take`` batches acked by hand (the shape
+               commit-after-write needs);
 3. pipeline  - ``millstream worker`` (decode, validate, windows, sinks, commit after write)
                reads the same topic;
 4. batched   - a worker reads messages of ``--batch-size`` readings each;
@@ -180,9 +182,10 @@ class Bench:
         self.say("1/5 ceiling: plain aiokafka consumer")
         ceiling = asyncio.run(_consume_ceiling(bootstrap, "bench-single", o.messages, limit_s=600))
         self.say(f"    {ceiling:,.0f} msgs/s")
-        self.say("2/5 bare faust agent that only counts")
-        bare = self._bare(bootstrap, o.messages)
-        self.say(f"    {bare:,.0f} msgs/s")
+        self.say("2/5 bare faust agent that only counts (async for, then noack_take batches)")
+        bare = self._bare(bootstrap, o.messages, "iterate")
+        bare_take = self._bare(bootstrap, o.messages, "take")
+        self.say(f"    {bare:,.0f} msgs/s; {bare_take:,.0f} msgs/s in noack_take batches")
         self.say("3/5 full pipeline, single-reading messages")
         pipeline_clock, pipeline_text, pipeline_rss = self._pipeline("pipeline", "bench-single", o.messages)
         pipeline = pipeline_clock.rate()
@@ -220,6 +223,8 @@ class Bench:
             "bare_agent_msgs_per_s": round(bare),
             "pipeline_msgs_per_s": round(pipeline),
             "pipeline_vs_bare_ratio": round(pipeline / bare, 3),
+            "bare_take_msgs_per_s": round(bare_take),
+            "pipeline_vs_bare_take_ratio": round(pipeline / bare_take, 3),
             "pipeline_vs_ceiling_ratio": round(pipeline / ceiling, 3),
             "batched_readings_per_s": round(batched_rate),
             "latency_rate_msgs_per_s": round(live_rate),
@@ -230,14 +235,14 @@ class Bench:
             "rss_growth_ratio": round(half[-1] / half[0], 3) if len(half) >= 2 else 1.0,
         }
 
-    def _bare(self, bootstrap: str, total: int) -> float:
+    def _bare(self, bootstrap: str, total: int, shape: str) -> float:
         import urllib.request
 
         port = free_port()
         with open(self.workdir / "bare.log", "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "app.bench_bare", bootstrap, "bench-single", "bench-bare", str(port),
-                 str(self.workdir / "bare")],
+                [sys.executable, "-m", "app.bench_bare", bootstrap, "bench-single", f"bench-bare-{shape}", str(port),
+                 str(self.workdir / f"bare-{shape}"), shape],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         self.children.append(lambda: stop_process(proc, 30))

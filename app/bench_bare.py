@@ -1,8 +1,11 @@
 """The framework floor for ``millstream bench``: a faust agent that only counts.
 
 Same faust version, broker settings and topic as the pipeline run; no decoding, no state, no
-sinks. Run as ``python -m app.bench_bare BOOTSTRAP TOPIC GROUP WEB_PORT DATA_DIR``; the bench
-reads ``/count`` to time it exactly like it times the pipeline through ``/metrics``.
+sinks. Two shapes: ``iterate`` (``async for value in stream``, faust acks as it goes: the
+plain floor) and ``take`` (``noack_take`` batches acked by hand: the shape commit-after-write
+forces on millstream). Run as ``python -m app.bench_bare BOOTSTRAP TOPIC GROUP WEB_PORT
+DATA_DIR [iterate|take]``; the bench reads ``/count`` to time it exactly like it times the
+pipeline through ``/metrics``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 import faust
 
 
-def build(bootstrap: str, topic_name: str, group: str, web_port: int, data_dir: str) -> faust.App:
+def build(bootstrap: str, topic_name: str, group: str, web_port: int, data_dir: str, shape: str) -> faust.App:
     app = faust.App(
         group,
         broker=f"kafka://{bootstrap}",
@@ -30,8 +33,14 @@ def build(bootstrap: str, topic_name: str, group: str, web_port: int, data_dir: 
 
     @app.agent(topic, name="count")
     async def count(stream: Any) -> None:
-        async for _value in stream:  # faust acks each event as the loop moves on
-            seen["count"] += 1
+        if shape == "take":
+            async for events in stream.noack_take(5000, within=1.0):
+                for event in events:
+                    await stream.ack(event)
+                seen["count"] += len(events)
+        else:
+            async for _value in stream:  # faust acks each event as the loop moves on
+                seen["count"] += 1
 
     @app.page("/count")
     async def count_page(web: Any, request: Any) -> Any:
@@ -43,7 +52,8 @@ def build(bootstrap: str, topic_name: str, group: str, web_port: int, data_dir: 
 
 def main() -> None:
     bootstrap, topic, group, port, data_dir = sys.argv[1:6]
-    app = build(bootstrap, topic, group, int(port), data_dir)
+    shape = sys.argv[6] if len(sys.argv) > 6 else "iterate"
+    app = build(bootstrap, topic, group, int(port), data_dir, shape)
     sys.argv = ["millstream-bench-bare", "worker", "--loglevel", "warn"]
     app.main()
 
