@@ -33,7 +33,7 @@ from typing import Any
 
 from app.broker import EmbeddedBroker, free_port, stop_process
 from app.local import LocalWorker, histogram_quantile, metric_value, rss_mb
-from app.simulator import Simulator
+from app.simulator import Simulator, send_paced
 
 POLL_S = 0.25  # worker /metrics scrapes: each costs the worker a little CPU
 BARE_POLL_S = 0.1  # the bare agents' /count costs nothing: finer timing for the shorter runs
@@ -120,17 +120,7 @@ async def _produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes
     await producer.start()
     started = time.monotonic()
     try:
-        pending = []
-        for sent, (key, value) in enumerate(messages, 1):
-            pending.append(await producer.send(topic, value, key=key))
-            if sent % 5000 == 0:
-                await asyncio.gather(*pending)
-                pending.clear()
-            if rate and sent % 20 == 0:
-                ahead = sent / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-        await asyncio.gather(*pending)
+        await send_paced(producer, topic, messages, rate=rate)
     finally:
         await producer.stop()
     return len(messages) / (time.monotonic() - started)

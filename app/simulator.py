@@ -10,9 +10,10 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
@@ -240,25 +241,39 @@ async def publish(
         finally:
             await admin.close()
     producer = AIOKafkaProducer(linger_ms=5, acks="all", **options)
-    sent, started, last_report = 0, time.monotonic(), time.monotonic()
     try:
+        # Inside the try: a producer whose start failed (broker unreachable) must still be
+        # stopped, or aiokafka warns about an unclosed producer after our one-line error.
         await producer.start()
-        pending = []
         stream = list(simulator.messages(messages)) + list(simulator.flush())
-        for key, value in stream:
-            pending.append(await producer.send(kafka.telemetry_topic, value, key=key))
-            sent += 1
-            if sent % 1000 == 0:
-                await asyncio.gather(*pending)
-                pending.clear()
-            if rate and sent % 50 == 0:
-                ahead = sent / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-            if time.monotonic() - last_report >= 5:
-                last_report = time.monotonic()
-                progress(f"sent {sent}/{len(stream)} messages ({sent / (last_report - started):.0f}/s)")
-        await asyncio.gather(*pending)
+        return await send_paced(producer, kafka.telemetry_topic, stream, rate=rate, progress=progress)
     finally:
         await producer.stop()
-    return sent
+
+
+async def send_paced(
+    producer: Any,
+    topic: str,
+    messages: Sequence[tuple[bytes | None, bytes]],
+    *,
+    rate: float | None,
+    progress: Callable[[str], None] | None = None,
+) -> int:
+    """Send ``messages`` in order with a started aiokafka producer, at ``rate`` per second if
+    given; returns how many once the broker has every one. Progress every 5 s if asked."""
+    started = last_report = time.monotonic()
+    pending = []
+    for sent, (key, value) in enumerate(messages, 1):
+        pending.append(await producer.send(topic, value, key=key))
+        if sent % 1000 == 0:
+            await asyncio.gather(*pending)
+            pending.clear()
+        if rate and sent % 20 == 0:
+            ahead = sent / rate - (time.monotonic() - started)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+        if progress is not None and time.monotonic() - last_report >= 5:
+            last_report = time.monotonic()
+            progress(f"sent {sent}/{len(messages)} messages ({sent / (last_report - started):.0f}/s)")
+    await asyncio.gather(*pending)
+    return len(messages)

@@ -211,7 +211,7 @@ def test_poison_input_ten_thousand_bad_messages(world: World, record: Record) ->
     worker = world.start_worker(MILLSTREAM_LIMITS__MAX_MESSAGE_BYTES="65536")
     worker.wait_ready()
     fault_start = time.monotonic()
-    sent = asyncio.run(produce(world.broker.bootstrap, world.topic, mixed))  # type: ignore[arg-type]
+    sent = asyncio.run(produce(world.broker.bootstrap, world.topic, mixed))
     result = finish(world, record, f"poison: {len(bad)} bad messages mixed in", log, sent, fault_start,
                     malformed_extra=len(bad), poison_kinds=len(KINDS))  # fmt: skip
     assert worker.starts == 1 and worker.proc is not None and worker.proc.poll() is None  # never died

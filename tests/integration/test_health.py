@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.error
@@ -9,8 +10,9 @@ import urllib.request
 
 import pytest
 
+from tests.support.audit import simulate, wait_until_complete
 from tests.support.servers import free_port
-from tests.support.world import World
+from tests.support.world import World, produce
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.cql, pytest.mark.timeout(180)]
 
@@ -54,3 +56,32 @@ def test_not_ready_while_clickhouse_is_unreachable(world: World) -> None:
     time.sleep(3)
     code, body = probe(worker.web_port, "/readyz")
     assert code == 503 and any("clickhouse failing for" in p for p in body["problems"])  # type: ignore[union-attr]
+
+
+def test_not_ready_while_tables_recover_then_ready(world: World) -> None:
+    # Many devices and small batches: a changelog long enough that recovering it takes a while.
+    traffic, log = simulate(6000, seed=31, devices=3000)
+    first = world.start_worker(MILLSTREAM_PIPELINE__BATCH_MESSAGES="20")
+    first.wait_ready()
+    asyncio.run(produce(world.broker.bootstrap, world.topic, traffic))
+    wait_until_complete(world, log, len(traffic))
+    first.stop()
+    # A new worker with an empty store (memory) rebuilds every device's state from the changelog.
+    second = world.start_worker()
+    seen: list[tuple[int, dict[str, object]]] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            code, body = probe(second.web_port, "/readyz")
+        except OSError:
+            time.sleep(0.05)
+            continue
+        seen.append((code, body))
+        if code == 200:
+            break
+        time.sleep(0.05)
+    assert seen and seen[-1][0] == 200, seen[-3:]
+    recovering = [body for code, body in seen if code == 503 and "table recovery not finished" in body["problems"]]  # type: ignore[operator]
+    assert recovering, f"never saw recovery in progress; first answers: {seen[:3]}"
+    aggregates = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{second.web_port}/aggregates").read())
+    assert aggregates["devices"] == len({r.device_id for r in log.readings})  # the state came back in full

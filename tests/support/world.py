@@ -3,7 +3,6 @@ simulator, and independent expectations to compare what was stored against what 
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import os
 import signal
@@ -19,7 +18,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.simulator import SimulationLog
+from app.simulator import SimulationLog, send_paced
 from tests.support.cql_server import CqlServer
 from tests.support.servers import ClickHouseServer, TansuBroker, free_port
 
@@ -166,24 +165,15 @@ async def create_topic(bootstrap: str, topic: str, partitions: int = PARTITIONS)
 
 
 async def produce(
-    bootstrap: str, topic: str, messages: Iterable[tuple[bytes, bytes]], rate: float | None = None
+    bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes]], rate: float | None = None
 ) -> int:
     """Send messages keyed by device; at ``rate`` messages/s if given. Returns how many."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
     await producer.start()
-    sent, started, pending = 0, time.monotonic(), []
     try:
-        for key, value in messages:
-            pending.append(await producer.send(topic, value, key=key))
-            sent += 1
-            if rate and sent % 50 == 0:
-                ahead = sent / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-        await asyncio.gather(*pending)
+        return await send_paced(producer, topic, list(messages), rate=rate)
     finally:
         await producer.stop()
-    return sent
 
 
 async def committed_total(bootstrap: str, group: str, topic: str) -> int:
