@@ -20,10 +20,11 @@ from typing import Any
 import faust
 from faust.streams import _current_event
 
-from agents.offsets import OffsetGuard
+from agents.offsets import BrokerProbe, OffsetGate
 from agents.pipeline import Pipeline
 from agents.windows import DeviceState, WindowPolicy
 from app import metrics
+from app.kafka import kafka_client_options
 from app.settings import Settings
 from models.decode import Decoder
 from models.records import SourceMessage
@@ -165,12 +166,20 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
     )
     sinks = [s for s in (pipeline.raw_sink, pipeline.aggregate_sink) if s is not None]
 
-    guard: OffsetGuard | None = None
+    gate = OffsetGate(kafka.telemetry_topic, BrokerProbe(kafka_client_options(kafka)))
+    new_consumer = app._new_consumer
+
+    def _new_consumer() -> Any:
+        # The gate must see the consumer before faust's fetcher starts (see agents/offsets.py).
+        consumer = new_consumer()
+        gate.install(consumer)
+        return consumer
+
+    app._new_consumer = _new_consumer  # type: ignore[method-assign]
     started: set[str] = set()  # sinks whose start() (connect + DDL) succeeded
 
     def _rebalanced(sender: Any, *args: Any, **kwargs: Any) -> None:
-        if guard is not None:
-            guard.reset()
+        gate.reset()
         metrics.CONSUMER_LAG.clear()  # partitions this worker no longer owns must not linger
 
     @app.timer(5.0)  # type: ignore[untyped-decorator]
@@ -205,14 +214,21 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
     app.on_partitions_assigned.connect(_assigned)  # type: ignore[arg-type]
 
     async def handle(stream: Any, events: list[Any]) -> None:
-        assert guard is not None
+        generation = gate.generation
         assigned = app.consumer.assignment()
-        # Events of partitions revoked while they waited are left un-acked: the new owner
+        # All assigned source partitions at once: one round trip per rebalance.
+        await gate.prepare(tp for tp in assigned if tp.topic == kafka.telemetry_topic)
+        # Events of partitions revoked while they waited are not processed: the new owner
         # replays them from the committed offset.
         owned = [e for e in events if e.message.tp in assigned]
-        # All assigned source partitions at once: one round trip per rebalance.
-        await guard.prepare(tp for tp in assigned if tp.topic == kafka.telemetry_topic)
-        live, rewind = guard.admit(owned)
+        live, skipped = await gate.admit(owned, generation)
+        # Acked only so that faust knows this stream is done with them (it waits for every
+        # event it handed out on a rebalance or a stop); the gate, not acks, decides commits.
+        for event in skipped:
+            await stream.ack(event)
+        for event in events:
+            if event.message.tp not in assigned:
+                await stream.ack(event)
         for chunk in chunk_by_bytes(live, settings.pipeline.batch_bytes):
             batch = [
                 SourceMessage(
@@ -227,21 +243,17 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
                 for e in chunk
             ]
             await pipeline.process(batch)
-            # Everything derived from these offsets is written: ack them, in offset order
-            # (events of one partition arrive in offset order and are acked in that order).
+            # Everything derived from these offsets is written: now they may be committed.
+            gate.advance(chunk, generation)
             for event in chunk:
                 await stream.ack(event)
             metrics.ACKED.inc(len(chunk))
             acked_at = time.time()
             for event in chunk:
                 metrics.ACK_LATENCY.observe(acked_at - event.message.timestamp)
-        if rewind:
-            await guard.rewind(rewind)
 
     @app.agent(source, name="ingest", concurrency=1)
     async def ingest(stream: Any) -> None:
-        nonlocal guard
-        guard = OffsetGuard(app.consumer)
         try:
             for sink in sinks:  # idempotent DDL; retried like writes while the sink is down
                 await pipeline.retry.run(sink.name, sink.start)
@@ -250,9 +262,6 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
                 settings.pipeline.batch_messages, within=settings.clickhouse.flush_interval_s
             ):
                 await handle(stream, events)
-                # faust waits (on a rebalance, on stop) until every event it handed out is
-                # acked or garbage; events the guard skipped are neither while referenced.
-                del events
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -260,6 +269,7 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
         finally:
             for sink in sinks:
                 await sink.close()
+            await gate.probe.close()
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:

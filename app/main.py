@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ssl
 from typing import Any
 
 import faust
 
+from app.kafka import ssl_context
 from app.settings import KafkaSettings, Settings
 
 
@@ -14,16 +14,7 @@ def broker_credentials(kafka: KafkaSettings) -> Any:
     """faust credentials for the configured security protocol (None for PLAINTEXT)."""
     if kafka.security_protocol == "PLAINTEXT":
         return None
-    context: ssl.SSLContext | None = None
-    if kafka.security_protocol in ("SSL", "SASL_SSL"):
-        context = ssl.create_default_context(cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None)
-        if kafka.ssl_certfile:
-            key_password = kafka.ssl_key_password.get_secret_value() if kafka.ssl_key_password else None
-            context.load_cert_chain(
-                str(kafka.ssl_certfile),
-                str(kafka.ssl_keyfile) if kafka.ssl_keyfile else None,
-                password=key_password,
-            )
+    context = ssl_context(kafka)
     if kafka.security_protocol == "SSL":
         return faust.SSLCredentials(context)
     assert kafka.sasl_password is not None  # enforced by KafkaSettings

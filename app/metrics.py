@@ -60,3 +60,5 @@ RECOVERY_IN_PROGRESS = Gauge("millstream_table_recovery_in_progress", "1 while t
 REBALANCES = Counter("millstream_rebalances_total", "Partition assignments received (rebalances)")
 # Messages in a source partition not yet committed: high-water (from fetch responses) - committed.
 CONSUMER_LAG = Gauge("millstream_consumer_lag_messages", "High-water minus committed offset", ["partition"])
+# Source offsets that do not exist on the broker (transaction markers, compaction, retention), skipped.
+SKIPPED_OFFSETS = Counter("millstream_skipped_offsets_total", "Source offsets absent from the broker, skipped")

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from app.kafka import kafka_client_options
 from app.settings import KafkaSettings
 
 METRIC_PROFILES: dict[str, tuple[float, float, float]] = {
@@ -189,27 +190,6 @@ class Simulator:
             self.log.readings.extend(readings)
             yield key, value
         self._held.clear()
-
-
-def kafka_client_options(kafka: KafkaSettings) -> dict[str, object]:
-    """aiokafka connection options from the validated Kafka settings."""
-    options: dict[str, object] = {
-        "bootstrap_servers": ",".join(kafka.bootstrap_servers),
-        "security_protocol": kafka.security_protocol,
-    }
-    if kafka.security_protocol in ("SSL", "SASL_SSL"):
-        from app.main import broker_credentials
-
-        credentials = broker_credentials(kafka)
-        options["ssl_context"] = credentials.ssl_context if credentials is not None else None
-    if kafka.security_protocol.startswith("SASL"):
-        assert kafka.sasl_password is not None
-        options.update(
-            sasl_mechanism=kafka.sasl_mechanism,
-            sasl_plain_username=kafka.sasl_username,
-            sasl_plain_password=kafka.sasl_password.get_secret_value(),
-        )
-    return options
 
 
 async def publish(

@@ -69,6 +69,7 @@ def test_crash_loop_ten_kill9_under_load(world: World, record: Record) -> None:
     worker = world.start_worker()
     worker.wait_ready()
     producer = produce_in_background(world, traffic, rate=100)
+    wait_for_rows(world)  # the first batch of a new group takes a second or two; kill after it
     rows_at_kill = []
     for kill in range(10):
         # At a random moment while it processes (every third kill: during start-up/recovery).
