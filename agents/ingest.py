@@ -2,9 +2,10 @@
 
 Why it is shaped like this (DESIGN.md §4): an exception escaping a faust agent acks and
 commits the failing message, and ``take()`` acks its buffer even when the body raised. So the
-stream is consumed with ``noack_take`` (nothing is acked by faust), one actor per partition
-set (``concurrency=1``, processing stays in offset order), and the batch is acked only after
-the pipeline says everything is written. Any failure crashes the worker instead of acking.
+stream is read with acks off (:mod:`agents.batching`), one actor per partition set
+(``concurrency=1``, processing stays in offset order), and a batch is acked only after the
+pipeline says everything is written; :mod:`agents.offsets` decides what may be committed.
+Any failure crashes the worker instead of acking.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import faust
 from faust.streams import _current_event
 
+from agents.batching import BatchCollector
 from agents.offsets import BrokerProbe, OffsetGate
 from agents.pipeline import Pipeline
 from agents.windows import DeviceState, WindowPolicy
@@ -258,10 +260,13 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
             for sink in sinks:  # idempotent DDL; retried like writes while the sink is down
                 await pipeline.retry.run(sink.name, sink.start)
                 started.add(sink.name)
-            async for events in stream.noack_take(
-                settings.pipeline.batch_messages, within=settings.clickhouse.flush_interval_s
-            ):
-                await handle(stream, events)
+            collector = BatchCollector(
+                lambda events: handle(stream, events),
+                max_events=settings.pipeline.batch_messages,
+                within_s=settings.clickhouse.flush_interval_s,
+                on_error=lambda exc: crash_worker(app, exc),
+            )
+            await collector.run(stream)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

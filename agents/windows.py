@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass, field
+from itertools import accumulate
+from operator import sub
 from typing import Any, NamedTuple
 
 import orjson
@@ -56,7 +58,7 @@ class DeviceState:
     def dumps(self) -> bytes:
         return orjson.dumps(
             {"o": self.offset, "w": self.watermark_ms, "a": {k.encode(): v for k, v in self.windows.items()},
-             "l": self.latest, "r": self.recent}
+             "l": self.latest, "q": _pack_recent(self.recent)}
         )  # fmt: skip
 
     @staticmethod
@@ -65,7 +67,33 @@ class DeviceState:
             return DeviceState()
         doc = orjson.loads(raw)
         windows = {WindowKey.decode(k): v for k, v in doc["a"].items()}
-        return DeviceState(doc["o"], doc["w"], windows, doc["l"], doc.get("r", {}))
+        recent = _unpack_recent(doc["q"]) if "q" in doc else doc.get("r", {})  # "r": before 2026-12
+        return DeviceState(doc["o"], doc["w"], windows, doc["l"], recent)
+
+
+def _pack_recent(recent: dict[str, list[int]]) -> list[list[Any]]:
+    """The duplicate-detection times, compact: the state is rewritten to the changelog on every
+    batch that touches the device, and these lists are most of it. Metrics of one device mostly
+    share their list (a reading carries them together): each distinct list is stored once, as
+    its first time and the steps between times (a few digits each instead of thirteen)."""
+    groups: list[tuple[list[int], list[str]]] = []
+    for metric, times in recent.items():
+        for group_times, names in groups:
+            if group_times == times:
+                names.append(metric)
+                break
+        else:
+            groups.append((times, [metric]))
+    return [[names, [times[0], *map(sub, times[1:], times[:-1])] if times else []] for times, names in groups]
+
+
+def _unpack_recent(packed: list[list[Any]]) -> dict[str, list[int]]:
+    recent: dict[str, list[int]] = {}
+    for names, steps in packed:
+        times = list(accumulate(steps))
+        for name in names:
+            recent[name] = times.copy()  # each metric's list is changed in place later
+    return recent
 
 
 @dataclass(slots=True)

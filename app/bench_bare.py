@@ -1,11 +1,12 @@
 """The framework floor for ``millstream bench``: a faust agent that only counts.
 
-Same faust version, broker settings and topic as the pipeline run; no decoding, no state, no
-sinks. Two shapes: ``iterate`` (``async for value in stream``, faust acks as it goes: the
-plain floor) and ``take`` (``noack_take`` batches acked by hand: the shape commit-after-write
-forces on millstream). Run as ``python -m app.bench_bare BOOTSTRAP TOPIC GROUP WEB_PORT
-DATA_DIR [iterate|take]``; the bench reads ``/count`` to time it exactly like it times the
-pipeline through ``/metrics``.
+Same faust version, broker and topic as the pipeline run; no decoding, no state, no sinks;
+``async for value in stream``, faust acking as it goes. Two configurations: ``stock`` (faust
+as installed: what a plain faust agent gets) and ``tuned`` (with the faust changes the
+millstream worker makes: :mod:`app.faust_patches`, ``cython_optimizations`` and the larger
+stream buffer), so the bench can tell faust tuning apart from millstream's own overhead. Run
+as ``python -m app.bench_bare BOOTSTRAP TOPIC GROUP WEB_PORT DATA_DIR [stock|tuned]``; the
+bench reads ``/count`` to time it exactly like it times the pipeline through ``/metrics``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ import faust
 
 
 def build(bootstrap: str, topic_name: str, group: str, web_port: int, data_dir: str, shape: str) -> faust.App:
+    tuning: dict[str, Any] = {}
+    if shape == "tuned":
+        from app import faust_patches
+        from app.settings import PipelineSettings
+
+        faust_patches.install_lean_drain()
+        tuning = {"cython_optimizations": True, "stream_buffer_maxsize": PipelineSettings().buffer_messages}
     app = faust.App(
         group,
         broker=f"kafka://{bootstrap}",
@@ -27,20 +35,15 @@ def build(bootstrap: str, topic_name: str, group: str, web_port: int, data_dir: 
         value_serializer="raw",
         web_host="127.0.0.1",
         web_port=web_port,
+        **tuning,
     )
     topic = app.topic(topic_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     seen = {"count": 0}
 
     @app.agent(topic, name="count")
     async def count(stream: Any) -> None:
-        if shape == "take":
-            async for events in stream.noack_take(5000, within=1.0):
-                for event in events:
-                    await stream.ack(event)
-                seen["count"] += len(events)
-        else:
-            async for _value in stream:  # faust acks each event as the loop moves on
-                seen["count"] += 1
+        async for _value in stream:  # faust acks each event as the loop moves on
+            seen["count"] += 1
 
     @app.page("/count")
     async def count_page(web: Any, request: Any) -> Any:
@@ -52,7 +55,7 @@ def build(bootstrap: str, topic_name: str, group: str, web_port: int, data_dir: 
 
 def main() -> None:
     bootstrap, topic, group, port, data_dir = sys.argv[1:6]
-    shape = sys.argv[6] if len(sys.argv) > 6 else "iterate"
+    shape = sys.argv[6] if len(sys.argv) > 6 else "stock"
     app = build(bootstrap, topic, group, int(port), data_dir, shape)
     sys.argv = ["millstream-bench-bare", "worker", "--loglevel", "warn"]
     app.main()

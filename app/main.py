@@ -6,6 +6,7 @@ from typing import Any
 
 import faust
 
+from app import faust_patches
 from app.kafka import ssl_context
 from app.settings import KafkaSettings, Settings
 
@@ -58,8 +59,15 @@ def create_app(settings: Settings) -> faust.App:
         web_host=settings.web_host,
         web_port=settings.web_port,
         table_cleanup_interval=30.0,
+        # Read ahead while a batch is written: with faust's default (4096, below one batch)
+        # the fetcher pauses during every write and the worker then idles waiting for data.
+        stream_buffer_maxsize=settings.pipeline.buffer_messages,
+        # faust's opt-in repair of its Cython stream iterator: take queued events without an
+        # await each (see app/faust_patches.py for what millstream changes itself).
+        cython_optimizations=True,
     )
-    _set_fetch_max_wait(kafka.fetch_max_wait_ms)
+    faust_patches.set_fetch_max_wait(kafka.fetch_max_wait_ms)
+    faust_patches.install_lean_drain()
     app.millstream_settings = settings  # type: ignore[attr-defined]
     _setup_metrics(app)
     from agents.ingest import register
@@ -68,35 +76,15 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
-def _set_fetch_max_wait(milliseconds: int) -> None:
-    """faust builds its aiokafka consumer with ``fetch_max_wait_ms=1500`` and no way to change
-    it. A broker that holds every fetch that long when no data is waiting (tansu does; Kafka
-    answers as soon as data arrives) delays each record by up to that much; set ours."""
-    from faust.transport.drivers import aiokafka as driver
-
-    thread_class: Any = driver.AIOKafkaConsumerThread
-    original = getattr(thread_class, "_millstream_original_create", thread_class._create_worker_consumer)
-
-    def create_worker_consumer(self: Any, transport: Any) -> Any:
-        consumer = original(self, transport)
-        consumer._fetch_max_wait_ms = milliseconds  # read by consumer.start() for its fetcher
-        return consumer
-
-    thread_class._millstream_original_create = original
-    thread_class._create_worker_consumer = create_worker_consumer
-
-
 def _setup_metrics(app: faust.App) -> None:
     """/metrics on the web port: millstream's metrics and faust's own sensor, one registry."""
-    from faust.sensors.prometheus import setup_prometheus_sensors
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-    try:
-        setup_prometheus_sensors(app, pattern="/metrics", name_prefix="faust")
-    except ValueError:
-        # The faust series are registered once per process (a second App in tests): serve
-        # /metrics from the registry as it is.
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from app.faust_patches import FaustSensor, faust_metrics
 
-        @app.page("/metrics")
-        async def metrics_page(web: Any, request: Any) -> Any:
-            return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+    app.monitor = FaustSensor(metrics=faust_metrics())
+
+    @app.page("/metrics")
+    async def metrics_page(web: Any, request: Any) -> Any:
+        # As a header: aiohttp refuses a content type that carries a charset parameter.
+        return web.bytes(generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})

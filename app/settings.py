@@ -249,6 +249,11 @@ class PipelineSettings(_Group):
         4 * 1024 * 1024, ge=1024, le=1024**3,
         description="Message bytes processed (and acked) per step at most; bounds memory for many-reading messages.",
     )  # fmt: skip
+    buffer_messages: int = Field(
+        20_000, ge=1, le=10_000_000,
+        description="Messages read ahead while a batch is written (faust's stream buffer); memory is about this "
+        "times the message size.",
+    )  # fmt: skip
     retry_budget_s: float = Field(
         300.0, gt=0, le=86_400, description="Retry a failing sink this long, then crash the worker."
     )

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FIGURES = (
     "consume_ceiling_msgs_per_s", "bare_agent_msgs_per_s", "pipeline_msgs_per_s", "pipeline_vs_bare_ratio",
     "batched_readings_per_s", "latency_p50_s", "latency_p99_s", "rows_per_insert", "rss_peak_mb", "rss_growth_ratio",
-    "bare_take_msgs_per_s", "pipeline_cpu_msgs_per_s", "pipeline_cpu_readings_per_s",
+    "bare_tuned_msgs_per_s", "pipeline_cpu_msgs_per_s", "pipeline_cpu_readings_per_s",
 )  # fmt: skip
 
 

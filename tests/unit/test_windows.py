@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -137,3 +138,22 @@ def test_dedup_survives_the_changelog_and_forgets_beyond_its_horizon() -> None:
     assert state.recent["t"] == [T0 + 400_000]  # 1 s is more than 300 s behind: forgotten
     dedup_policy.apply(state, reading(T0 + 1000, t=1.0), 3, result)  # documented: counted again
     assert state.windows[WindowKey("t", 3600, T0 - T0 % 3_600_000)][COUNT] == 3
+
+
+def test_recent_times_pack_shared_lists_once_and_read_the_old_format() -> None:
+    state = DeviceState()
+    metrics = {"t": 1.0, "rpm": 2.0, "p": 3.0}
+    for offset in range(300):  # five minutes of one reading a second, as the simulator sends
+        dedup_policy.apply(state, reading(T0 + offset * 1000 + offset % 7, **metrics), offset, ApplyResult())
+    dedup_policy.apply(state, reading(T0 + 299_500, t=9.0), 300, ApplyResult())  # "t" alone: its own list
+    packed = state.dumps()
+    back = DeviceState.loads(packed)
+    assert back == state and back.recent["t"] != back.recent["rpm"] == back.recent["p"]
+    back.recent["rpm"].append(T0 + 400_000)  # lists unpacked from one group are separate lists
+    assert back.recent["p"] != back.recent["rpm"]
+    old = orjson.loads(packed)
+    old["r"] = state.recent
+    del old["q"]
+    old_bytes = orjson.dumps(old)
+    assert DeviceState.loads(old_bytes) == state  # a changelog written before the compact form
+    assert len(packed) * 3 < len(old_bytes)

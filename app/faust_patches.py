@@ -1,0 +1,187 @@
+"""The places where millstream changes faust 0.15.3's own behaviour, each with its reason.
+
+faust's per-event machinery, not millstream's work, limits a worker (``millstream bench``
+measures both), so these are kept few and each is a copy of faust's code with one change:
+
+- :func:`set_fetch_max_wait`: faust fixes aiokafka's ``fetch_max_wait_ms`` at 1500; a broker
+  that holds a fetch that long when no data is waiting delays every quiet-time record.
+- :func:`install_lean_drain`: faust's fetch loop hands each record to the conductor inside
+  ``Service.wait_first`` (four tasks and an ``asyncio.wait`` per record, about half of a bare
+  agent's CPU per message). While flow is not suspended the lean loop awaits the delivery
+  directly; while it is (a rebalance), it does exactly what faust does. Everything else in
+  the loop (read offsets, gaps, commit_every) is faust's.
+- :class:`FaustSensor`: faust's Prometheus sensor, whose per-event hooks look up label
+  children and normalise the stream's label on every event; here the children are cached.
+  Same metrics, same values.
+
+They are applied only to the faust release they were read from (pinned in pyproject.toml);
+on any other release faust's own code runs and a warning says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import faust
+from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
+from prometheus_client import REGISTRY
+
+log = logging.getLogger(__name__)
+
+PATCHED_RELEASE = "0.15.3"
+
+
+def _release_matches(what: str) -> bool:
+    if faust.__version__ == PATCHED_RELEASE:
+        return True
+    log.warning("faust %s is not %s: %s left as faust has it", faust.__version__, PATCHED_RELEASE, what)
+    return False
+
+
+def set_fetch_max_wait(milliseconds: int) -> None:
+    """Make faust's aiokafka consumer wait at most ``milliseconds`` for fetch data."""
+    from faust.transport.drivers import aiokafka as driver
+
+    thread_class: Any = driver.AIOKafkaConsumerThread
+    original = getattr(thread_class, "_millstream_original_create", thread_class._create_worker_consumer)
+
+    def create_worker_consumer(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = milliseconds  # read by consumer.start() for its fetcher
+        return consumer
+
+    thread_class._millstream_original_create = original
+    thread_class._create_worker_consumer = create_worker_consumer
+
+
+async def _lean_drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - the fetch loop
+    # faust.transport.consumer.Consumer._drain_messages of 0.15.3; only the delivery differs.
+    from faust.transport.consumer import CONSUMER_FETCHING
+
+    callback = self.callback
+    getmany = self.getmany
+    consumer_should_stop = self._stopped.is_set
+    fetcher_should_stop = fetcher._stopped.is_set
+    flow_suspended = self.suspend_flow.is_set
+
+    get_read_offset = self._read_offset.__getitem__
+    set_read_offset = self._read_offset.__setitem__
+    set_flag = self.diag.set_flag
+    unset_flag = self.diag.unset_flag
+    commit_every = self._commit_every
+    acks_enabled_for = self.app.topics.acks_enabled_for
+
+    yield_every = 100
+    num_since_yield = 0
+    sleep = asyncio.sleep
+
+    try:
+        while not (consumer_should_stop() or fetcher_should_stop()):
+            set_flag(CONSUMER_FETCHING)
+            ait = cast(AsyncIterator[Any], getmany(timeout=1.0))
+            await self.sleep(0)
+            if not self.should_stop:
+                async for tp, message in ait:
+                    num_since_yield += 1
+                    if num_since_yield > yield_every:
+                        await sleep(0)
+                        num_since_yield = 0
+                    offset = message.offset
+                    r_offset = get_read_offset(tp)
+                    if r_offset is None or offset >= r_offset:
+                        gap = offset - (r_offset or 0)
+                        if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                            await self._add_gap(tp, r_offset + 1, offset)
+                        if commit_every is not None and self._n_acked >= commit_every:
+                            self._n_acked = 0
+                            await self.commit()
+                        if flow_suspended():
+                            # A rebalance: faust abandons deliveries while flow is suspended.
+                            await self.wait_first(callback(message), self.suspend_flow.wait())
+                        else:
+                            await callback(message)
+                        set_read_offset(tp, offset)
+                unset_flag(CONSUMER_FETCHING)
+    except self.consumer_stopped_errors:
+        if self.transport.app.should_stop:
+            self.log.info("Broker stopped consumer, shutting down...")
+            return
+        raise
+    except asyncio.CancelledError:
+        if self.transport.app.should_stop:
+            self.log.info("Consumer shutting down for user cancel.")
+            return
+        raise
+    except Exception as exc:
+        self.log.exception("Drain messages raised: %r", exc)
+        raise
+    finally:
+        unset_flag(CONSUMER_FETCHING)
+
+
+def install_lean_drain() -> None:
+    """Replace faust's fetch loop with :func:`_lean_drain_messages` (idempotent)."""
+    if not _release_matches("the fetch loop"):
+        return
+    from faust.transport import consumer
+
+    consumer.Consumer._drain_messages = _lean_drain_messages  # type: ignore[method-assign]
+
+
+_METRICS: FaustMetrics | None = None
+
+
+def faust_metrics() -> FaustMetrics:
+    """faust's Prometheus series, registered once per process (a test may build several Apps)."""
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = FaustMetrics.create(REGISTRY, "faust")
+    return _METRICS
+
+
+class FaustSensor(PrometheusMonitor):
+    """faust's Prometheus sensor with the per-event label lookups cached."""
+
+    def __init__(self, metrics: FaustMetrics, **kwargs: Any) -> None:
+        super().__init__(metrics=metrics, **kwargs)
+        self._by_topic: dict[str, Any] = {}
+        self._by_partition: dict[Any, Any] = {}
+        self._by_stream: dict[Any, Any] = {}
+
+    def on_message_in(self, tp: Any, offset: int, message: Any) -> None:
+        # Monitor's bookkeeping, then PrometheusMonitor's four series (children cached).
+        super(PrometheusMonitor, self).on_message_in(tp, offset, message)
+        m = self._metrics
+        m.messages_received.inc()
+        m.active_messages.inc()
+        topic = self._by_topic.get(tp.topic)
+        if topic is None:
+            topic = self._by_topic[tp.topic] = m.messages_received_per_topics.labels(topic=tp.topic)
+        topic.inc()
+        partition = self._by_partition.get(tp)
+        if partition is None:
+            partition = self._by_partition[tp] = m.messages_received_per_topics_partition.labels(
+                topic=tp.topic, partition=tp.partition
+            )
+        partition.set(offset)
+
+    def on_stream_event_in(self, tp: Any, offset: int, stream: Any, event: Any) -> dict[str, Any] | None:
+        state = super(PrometheusMonitor, self).on_stream_event_in(tp, offset, stream, event)
+        m = self._metrics
+        m.total_events.inc()
+        m.total_active_events.inc()
+        child = self._by_stream.get(stream)
+        if child is None:
+            label = f"stream.{self._stream_label(stream)}.events"
+            child = self._by_stream[stream] = m.total_events_per_stream.labels(stream=label)
+        child.inc()
+        return state
+
+    def _clear_partition_related_metrics(self) -> None:
+        # faust removes the topic and partition children on a rebalance: drop the cached ones.
+        super()._clear_partition_related_metrics()
+        self._by_topic.clear()
+        self._by_partition.clear()
