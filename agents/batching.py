@@ -2,11 +2,13 @@
 
 Why not faust's ``noack_take``: it pulls every event through a processor coroutine and stops
 pulling while its caller works on a batch, which costs more than faust's plain iteration
-(``millstream bench`` shows both). Here the stream is iterated directly with acks off; a
-batch is handed to ``process`` when it holds ``max_events`` events, or ``within_s`` after
-its first event arrived, whichever comes first; the stream keeps being read while a batch
-is processed (the next one fills meanwhile, bounded by ``max_events``: a full buffer waits
-for the batch in progress). ``process`` acks; nothing here acks.
+(``millstream bench`` shows both). Here the stream is iterated directly with acks off. A
+batch is handed over when it holds ``max_events`` events, or ``within_s`` after its first
+event arrived; it is processed in a task of its own while the stream is read on into the
+next buffer (writes overlap reading). Reading waits only when that next buffer is full and
+the batch before it is still being processed: at most two batches are in memory. Batches
+run strictly one after the other, in the order they filled. ``process`` acks; nothing here
+acks. A failed batch is reported to ``on_error`` (the worker crashes) and reading stops.
 """
 
 from __future__ import annotations
@@ -33,12 +35,19 @@ class BatchCollector:
         self.on_error, self.clock = on_error, clock
         self.buffer: list[Any] = []
         self.first_at = 0.0
-        self._turn = asyncio.Lock()  # one batch at a time, in the order the buffers filled
+        self.failed: BaseException | None = None
+        self._batch: asyncio.Task[None] | None = None  # the batch being processed
+        self._handing_over = asyncio.Lock()
+        self._report: asyncio.Future[None] | None = None
 
     async def run(self, stream: Any) -> None:
-        """Read ``stream`` (acks off) until it ends or this task is cancelled."""
+        """Read ``stream`` (acks off) until it ends, a batch fails, or this task is cancelled.
+
+        On cancellation the batch in progress is cancelled too: it is not acked, and whoever
+        owns its partitions next processes it again from the committed offset.
+        """
         stream.enable_acks = False  # as noack_take does: millstream acks after the writes
-        timer = asyncio.ensure_future(self._flush_when_due())
+        timer = asyncio.ensure_future(self._hand_over_when_due())
         try:
             async for _value in stream:
                 event = stream.current_event
@@ -48,25 +57,39 @@ class BatchCollector:
                     self.first_at = self.clock()
                 self.buffer.append(event)
                 if len(self.buffer) >= self.max_events:
-                    await self.flush()
+                    await self.hand_over()
+                if self.failed is not None:
+                    return
+            if self._batch is not None:  # the stream ended (tests): let the last batch finish
+                await asyncio.wait([self._batch])
         finally:
             timer.cancel()
+            if self._batch is not None and not self._batch.done():
+                self._batch.cancel()
 
-    async def flush(self) -> None:
-        async with self._turn:
+    async def hand_over(self) -> None:
+        """Start processing the buffer once the batch before it is done."""
+        async with self._handing_over:
+            previous = self._batch
+            if previous is not None:
+                await asyncio.wait([previous])  # its failure is reported by _finished
+            if self.failed is not None or not self.buffer:
+                return
             batch, self.buffer = self.buffer, []
-            if batch:
-                await self.process(batch)
+            self._batch = asyncio.ensure_future(self.process(batch))
+            self._batch.add_done_callback(self._finished)
 
-    async def _flush_when_due(self) -> None:
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if exc is None:
+            return
+        self.failed = exc
+        self._report = asyncio.ensure_future(self.on_error(exc))  # kept: a task must be referenced
+
+    async def _hand_over_when_due(self) -> None:
         tick = min(0.05, self.within_s / 4)
-        while True:
+        while self.failed is None:
             await asyncio.sleep(tick)
-            if self.buffer and not self._turn.locked() and self.clock() - self.first_at >= self.within_s:
-                try:
-                    await self.flush()
-                except asyncio.CancelledError:
-                    raise
-                except BaseException as exc:  # nobody awaits this task: report, never swallow
-                    await self.on_error(exc)
-                    return
+            idle = self._batch is None or self._batch.done()
+            if self.buffer and idle and self.clock() - self.first_at >= self.within_s:
+                await self.hand_over()

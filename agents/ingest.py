@@ -88,6 +88,9 @@ async def crash_worker(app: faust.App, exc: BaseException) -> None:
     Acked offsets may still be committed on the way down (they are fully written); the
     un-acked batch is replayed by whoever gets its partitions.
     """
+    if getattr(app, "_millstream_crashing", False):
+        return  # one crash at a time: a failed batch is reported by the collector and the agent
+    app._millstream_crashing = True  # type: ignore[attr-defined]
     log.critical("millstream worker crashing: %s", exc, exc_info=exc)
     loop = asyncio.get_running_loop()
     # If the graceful stop hangs (a sink or the broker is the trouble), leave anyway.

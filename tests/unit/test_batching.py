@@ -1,0 +1,140 @@
+"""BatchCollector: batches by size or age, one at a time, in order; errors never vanish."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from agents.batching import BatchCollector
+
+
+class FakeStream:
+    """Yields values from a queue and exposes the event as faust's ``current_event``."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.enable_acks = True
+        self.current_event: Any = None
+
+    def __aiter__(self) -> FakeStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        event = await self.queue.get()
+        if event is StopAsyncIteration:
+            raise StopAsyncIteration
+        self.current_event = event
+        return event
+
+
+async def test_full_batches_go_at_once_and_acks_are_left_to_the_caller() -> None:
+    stream, batches = FakeStream(), []
+
+    async def process(batch: list[Any]) -> None:
+        batches.append(batch)
+
+    collector = BatchCollector(process, max_events=3, within_s=60, on_error=pytest.fail)
+    for event in range(7):
+        stream.queue.put_nowait(event)
+    stream.queue.put_nowait(StopAsyncIteration)
+    await collector.run(stream)
+    assert batches == [[0, 1, 2], [3, 4, 5]] and collector.buffer == [6]  # 6 waits for its time
+    assert stream.enable_acks is False  # faust must not ack as the loop moves on
+
+
+async def test_a_partial_batch_goes_once_its_first_event_is_old_enough() -> None:
+    stream, batches = FakeStream(), []
+
+    async def process(batch: list[Any]) -> None:
+        batches.append(batch)
+
+    collector = BatchCollector(process, max_events=100, within_s=0.2, on_error=pytest.fail)
+    task = asyncio.ensure_future(collector.run(stream))
+    stream.queue.put_nowait("a")
+    stream.queue.put_nowait("b")
+    await asyncio.sleep(0.1)
+    assert batches == []  # not yet due
+    await asyncio.sleep(0.3)
+    assert batches == [["a", "b"]]
+    task.cancel()
+
+
+async def test_batches_are_processed_one_at_a_time_in_order_while_reading_goes_on() -> None:
+    stream, order, running = FakeStream(), [], []
+    release = asyncio.Event()
+
+    async def process(batch: list[Any]) -> None:
+        running.append(batch)
+        assert len(running) == 1, "two batches at once"
+        if batch == [0, 1]:
+            await release.wait()  # a slow write
+        order.append(batch)
+        running.remove(batch)
+
+    collector = BatchCollector(process, max_events=2, within_s=0.05, on_error=pytest.fail)
+    task = asyncio.ensure_future(collector.run(stream))
+    for event in range(5):
+        stream.queue.put_nowait(event)
+    await asyncio.sleep(0.2)
+    # The first batch is still being written; the stream was read on meanwhile, until the
+    # next buffer was full: then reading waits (two batches in memory at most).
+    assert order == [] and collector.buffer == [2, 3] and stream.queue.qsize() == 1
+    release.set()
+    await asyncio.sleep(0.3)
+    assert order == [[0, 1], [2, 3], [4]]
+    task.cancel()
+
+
+async def test_an_error_in_a_timed_flush_is_reported() -> None:
+    stream, reported = FakeStream(), []
+
+    async def process(batch: list[Any]) -> None:
+        raise RuntimeError("sink broke")
+
+    async def on_error(exc: BaseException) -> None:
+        reported.append(exc)
+
+    collector = BatchCollector(process, max_events=100, within_s=0.05, on_error=on_error)
+    task = asyncio.ensure_future(collector.run(stream))
+    stream.queue.put_nowait("a")
+    await asyncio.sleep(0.3)
+    assert [str(e) for e in reported] == ["sink broke"]
+    task.cancel()
+
+
+async def test_a_failed_batch_is_reported_once_and_reading_stops() -> None:
+    stream, reported, processed = FakeStream(), [], []
+
+    async def process(batch: list[Any]) -> None:
+        processed.append(batch)
+        raise RuntimeError("sink broke")
+
+    async def on_error(exc: BaseException) -> None:
+        reported.append(exc)
+
+    collector = BatchCollector(process, max_events=1, within_s=60, on_error=on_error)
+    for event in ("a", "b", "c", "d"):
+        stream.queue.put_nowait(event)
+    await asyncio.wait_for(collector.run(stream), 5)  # returns: no more reading
+    await asyncio.sleep(0)
+    assert [str(e) for e in reported] == ["sink broke"]
+    assert processed == [["a"]]  # nothing after the failed batch was processed
+
+
+async def test_cancelling_the_reader_cancels_the_batch_in_progress() -> None:
+    stream, started = FakeStream(), asyncio.Event()
+
+    async def process(batch: list[Any]) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    collector = BatchCollector(process, max_events=1, within_s=60, on_error=pytest.fail)
+    task = asyncio.ensure_future(collector.run(stream))
+    stream.queue.put_nowait("a")
+    await started.wait()
+    batch = collector._batch
+    task.cancel()
+    await asyncio.wait([task])
+    assert batch is not None and batch.cancelled()  # un-acked: replayed by the next owner
