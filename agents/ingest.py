@@ -11,6 +11,7 @@ Any failure crashes the worker instead of acking.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ from typing import Any
 import faust
 from faust.streams import _current_event
 
-from agents.batching import BatchCollector
+from agents.batching import BatchCollector, InOrderWrites
 from agents.offsets import BrokerProbe, OffsetGate
 from agents.pipeline import Pipeline
 from agents.windows import DeviceState, WindowPolicy
@@ -247,15 +248,24 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
                 )
                 for e in chunk
             ]
-            await pipeline.process(batch)
-            # Everything derived from these offsets is written: now they may be committed.
-            gate.advance(chunk, generation)
-            for event in chunk:
-                await stream.ack(event)
-            metrics.ACKED.inc(len(chunk))
-            acked_at = time.time()
-            for event in chunk:
-                metrics.ACK_LATENCY.observe(acked_at - event.message.timestamp)
+            prepared = await pipeline.prepare(batch)
+            # Its writes start once the previous batch's are done; meanwhile the next batch
+            # is prepared (and read). Order of commits and acks: strictly batch after batch.
+            await writes.submit(
+                functools.partial(pipeline.write, prepared), functools.partial(written, stream, chunk, generation)
+            )
+
+    async def written(stream: Any, chunk: list[Any], generation: int) -> None:
+        # Everything derived from these offsets is written: now they may be committed.
+        gate.advance(chunk, generation)
+        for event in chunk:
+            await stream.ack(event)
+        metrics.ACKED.inc(len(chunk))
+        acked_at = time.time()
+        for event in chunk:
+            metrics.ACK_LATENCY.observe(acked_at - event.message.timestamp)
+
+    writes = InOrderWrites(on_error=lambda exc: crash_worker(app, exc))
 
     @app.agent(source, name="ingest", concurrency=1)
     async def ingest(stream: Any) -> None:
@@ -266,6 +276,7 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
             collector = BatchCollector(
                 lambda events: handle(stream, events),
                 max_events=settings.pipeline.batch_messages,
+                max_bytes=settings.pipeline.batch_bytes,
                 within_s=settings.clickhouse.flush_interval_s,
                 on_error=lambda exc: crash_worker(app, exc),
             )
@@ -275,6 +286,7 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
         except BaseException as exc:
             await crash_worker(app, exc)
         finally:
+            await writes.cancel()  # before the sinks it writes to are closed
             for sink in sinks:
                 await sink.close()
             await gate.probe.close()

@@ -67,6 +67,16 @@ class BatchOutcome:
     aggregates: int = 0
 
 
+@dataclass(slots=True)
+class PreparedBatch:
+    """A decoded and applied batch whose rows are ready to write."""
+
+    outcome: BatchOutcome
+    valid: list[SourceMessage]
+    raw: RawBatch
+    aggregates: AggregateBatch
+
+
 class Pipeline:
     def __init__(
         self,
@@ -97,16 +107,23 @@ class Pipeline:
 
     async def process(self, batch: list[SourceMessage]) -> BatchOutcome:
         """Process one batch; see the numbered order below. Raises instead of losing data."""
-        outcome = BatchOutcome(messages=len(batch))
-        now = self.clock()
-        # The order of a flush (the only place it happens):
+        # The order of a flush (the only place it is written down):
         # 1. decode every message; rejections go to the DLQ, awaited until the broker has them;
         # 2. apply the readings to each device's window state, skipping offsets already applied,
         #    and store the state (faust flushes the changelog before it commits any offset);
+        #    (1-2 are prepare(): the worker prepares the next batch while this one's writes
+        #    are in flight, one batch's writes at a time)
         # 3. write raw rows to ClickHouse and 4. upsert every aggregate the batch touched to
-        #    ScyllaDB, concurrently, each retrying the same rows on retriable errors;
-        # 5. the caller acks the batch in offset order; faust commits acked offsets later.
+        #    ScyllaDB, concurrently, each retrying the same rows on retriable errors (write());
+        # 5. the caller lets the gate commit the batch's offsets and acks it, batches strictly
+        #    in order (agents/ingest.py, agents/offsets.py).
         # A fatal error, or retries running out, raises before 5: nothing of the batch is acked.
+        return await self.write(await self.prepare(batch))
+
+    async def prepare(self, batch: list[SourceMessage]) -> PreparedBatch:
+        """Steps 1-2: decode, dead-letter, apply to the window state; the rows to write."""
+        outcome = BatchOutcome(messages=len(batch))
+        now = self.clock()
         rejected = self._decode(batch, now)
         if rejected:
             outcome.rejected = len(rejected)
@@ -116,6 +133,11 @@ class Pipeline:
         aggregates = self._apply(valid, outcome)
         outcome.readings = sum(len(m.readings) for m in valid)
         outcome.raw_rows, outcome.aggregates = len(raw.rows), len(aggregates)
+        return PreparedBatch(outcome, valid, raw, aggregates)
+
+    async def write(self, prepared: PreparedBatch) -> BatchOutcome:
+        """Steps 3-4: both sinks, concurrently, retried; returns once both have everything."""
+        outcome, valid, raw, aggregates = prepared.outcome, prepared.valid, prepared.raw, prepared.aggregates
         async with asyncio.TaskGroup() as writes:
             writes.create_task(self.retry.run(self.raw_sink.name, lambda: self.raw_sink.write(raw)))
             if self.aggregate_sink is not None:

@@ -247,7 +247,8 @@ class PipelineSettings(_Group):
     )
     batch_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, le=1024**3,
-        description="Message bytes processed (and acked) per step at most; bounds memory for many-reading messages.",
+        description="Message bytes per batch at most (a batch goes when it has batch_messages or this many bytes); "
+        "bounds memory for many-reading messages.",
     )  # fmt: skip
     buffer_messages: int = Field(
         20_000, ge=1, le=10_000_000,

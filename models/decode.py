@@ -116,16 +116,21 @@ class Decoder:
                 raise _Reject(RejectReason.BAD_READINGS, "readings must be a non-empty list")
             if len(readings_doc) > self.max_readings:
                 raise _Reject(RejectReason.TOO_MANY_READINGS, f"{len(readings_doc)} readings > {self.max_readings}")
-            readings = []
+            readings: list[Reading] = []
+            add, nested, newest_ms = readings.append, self._nested_metrics, now_ms + self.max_future_skew_ms
             for index, item in enumerate(readings_doc):
-                if not isinstance(item, dict):
+                if type(item) is not dict:
                     raise _Reject(RejectReason.BAD_READINGS, f"reading {index} is {type(item).__name__}")
-                metrics = self._nested_metrics(item.get("metrics"), f"reading {index}: ")
-                event_ms = self._time(item, default_ms, now_ms)
-                readings.append(Reading(device_id, event_ms, metrics, index, factory, line, location))
+                metrics = nested(item.get("metrics"), index)
+                event_ms = item.get("ts")
+                # The usual stamp of a batched reading, epoch milliseconds in range, is taken as
+                # it is; anything else goes through the full parser and its rejections.
+                if type(event_ms) is not int or not MIN_EVENT_MS <= event_ms <= newest_ms:
+                    event_ms = self._time(item, default_ms, now_ms)
+                add(Reading(device_id, event_ms, metrics, index, factory, line, location))
             return readings
         if "metrics" in doc:
-            metrics = self._nested_metrics(doc["metrics"], "")
+            metrics = self._nested_metrics(doc["metrics"], None)
         else:
             metrics = self._flat_metrics(doc)
         return [Reading(device_id, default_ms, metrics, 0, factory, line, location)]
@@ -154,18 +159,19 @@ class Decoder:
                 return event_ms
         return default_ms
 
-    def _nested_metrics(self, raw: Any, where: str) -> dict[str, float]:
+    def _nested_metrics(self, raw: Any, index: int | None) -> dict[str, float]:
+        """``index``: the reading's place in a batched message (named in rejections), else None."""
         if type(raw) is not dict:
-            raise _Reject(RejectReason.NO_METRICS, f"{where}metrics is {type(raw).__name__}, not an object")
+            raise _Reject(RejectReason.NO_METRICS, f"{_where(index)}metrics is {type(raw).__name__}, not an object")
         if not raw:
-            raise _Reject(RejectReason.NO_METRICS, f"{where}metrics is empty")
+            raise _Reject(RejectReason.NO_METRICS, f"{_where(index)}metrics is empty")
         known, isfinite = self._known_names, math.isfinite
         for name, value in raw.items():
             if name not in known:
-                self._check_name(name, where)
+                self._check_name(name, _where(index))
             # The common case, a finite float, costs two checks; the rest go the long way.
             if type(value) is not float or not isfinite(value):
-                raw[name] = _number(value, f"{where}{name}")
+                raw[name] = _number(value, f"{_where(index)}{name}")
         return raw  # validated in place: every value is now a finite float
 
     def _check_name(self, name: str, where: str) -> None:
@@ -197,6 +203,10 @@ def _number(value: Any, where: str) -> float:
     if not math.isfinite(number):
         raise _Reject(RejectReason.BAD_VALUE, f"{where} is not finite")
     return number
+
+
+def _where(index: int | None) -> str:
+    return "" if index is None else f"reading {index}: "
 
 
 def _label(value: Any) -> str:

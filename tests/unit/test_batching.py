@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from agents.batching import BatchCollector
+from agents.batching import BatchCollector, InOrderWrites
 
 
 class FakeStream:
@@ -138,3 +139,95 @@ async def test_cancelling_the_reader_cancels_the_batch_in_progress() -> None:
     task.cancel()
     await asyncio.wait([task])
     assert batch is not None and batch.cancelled()  # un-acked: replayed by the next owner
+
+
+async def test_writes_run_one_at_a_time_in_order_while_the_caller_goes_on() -> None:
+    log: list[str] = []
+    gates = [asyncio.Event(), asyncio.Event()]
+    writes = InOrderWrites(on_error=pytest.fail)
+
+    def write(i: int) -> Any:
+        async def run() -> None:
+            log.append(f"write {i}")
+            await gates[i].wait()
+
+        return run
+
+    def then(i: int) -> Any:
+        async def run() -> None:
+            log.append(f"ack {i}")
+
+        return run
+
+    await writes.submit(write(0), then(0))
+    log.append("prepared 1")  # the caller works on while write 0 is in flight
+    second = asyncio.ensure_future(writes.submit(write(1), then(1)))
+    await asyncio.sleep(0.05)
+    assert sorted(log) == ["prepared 1", "write 0"] and not second.done()  # write 1 waits for write 0
+    gates[0].set()
+    await second
+    gates[1].set()
+    await writes.wait()
+    assert log[2:] == ["ack 0", "write 1", "ack 1"]
+
+
+async def test_a_failed_write_is_reported_and_stops_the_next_one() -> None:
+    reported: list[BaseException] = []
+
+    async def on_error(exc: BaseException) -> None:
+        reported.append(exc)
+
+    async def fail() -> None:
+        raise RuntimeError("fatal sink error")
+
+    acked: list[str] = []
+
+    async def ack() -> None:
+        acked.append("acked")
+
+    writes = InOrderWrites(on_error=on_error)
+    await writes.submit(fail, ack)
+    with pytest.raises(RuntimeError, match="fatal sink error"):
+        await writes.submit(ack, ack)
+    await asyncio.sleep(0)
+    assert acked == [] and [str(e) for e in reported] == ["fatal sink error"]
+
+
+async def test_cancel_abandons_the_write_in_flight() -> None:
+    acked: list[str] = []
+
+    async def slow() -> None:
+        await asyncio.sleep(60)
+
+    async def ack() -> None:
+        acked.append("acked")
+
+    writes = InOrderWrites(on_error=pytest.fail)
+    await writes.submit(slow, ack)
+    await writes.cancel()
+    assert acked == []
+    with pytest.raises(asyncio.CancelledError):
+        await writes.wait()
+
+
+async def test_a_batch_also_goes_when_its_bytes_reach_the_limit() -> None:
+    @dataclass
+    class Message:
+        value: bytes
+
+    @dataclass
+    class Event:
+        message: Message
+
+    stream, batches = FakeStream(), []
+
+    async def process(batch: list[Any]) -> None:
+        batches.append([len(e.message.value) for e in batch])
+
+    collector = BatchCollector(process, max_events=100, max_bytes=1000, within_s=60, on_error=pytest.fail)
+    for size in (400, 400, 300, 900, 50):
+        stream.queue.put_nowait(Event(Message(b"x" * size)))
+    stream.queue.put_nowait(StopAsyncIteration)
+    await collector.run(stream)
+    # The 300 would make 1100 > 1000: what was there goes first, as the ingest's byte chunks cut.
+    assert batches == [[400, 400], [300]] and collector.buffered_bytes == 950 and len(collector.buffer) == 2

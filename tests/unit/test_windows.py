@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -157,3 +159,53 @@ def test_recent_times_pack_shared_lists_once_and_read_the_old_format() -> None:
     old_bytes = orjson.dumps(old)
     assert DeviceState.loads(old_bytes) == state  # a changelog written before the compact form
     assert len(packed) * 3 < len(old_bytes)
+
+
+class ReadingByReading(WindowPolicy):
+    """The general path only: what the in-order fast path must agree with."""
+
+    def _apply_in_order(self, state: DeviceState, readings: list[Reading], offset: int, result: ApplyResult) -> bool:
+        return False
+
+
+def _same(fast: DeviceState, slow: DeviceState) -> None:
+    assert fast.windows.keys() == slow.windows.keys()
+    for key, agg in fast.windows.items():
+        other = slow.windows[key]
+        assert agg[:SUM] + agg[SUM + 1 :] == other[:SUM] + other[SUM + 1 :], key
+        assert math.isclose(agg[SUM], other[SUM], rel_tol=1e-12, abs_tol=1e-9), key
+    assert (fast.latest, fast.recent, fast.watermark_ms, fast.offset) == (
+        slow.latest, slow.recent, slow.watermark_ms, slow.offset
+    )  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    before=st.lists(st.tuples(st.integers(0, 7_200_000), st.floats(-1e3, 1e3)), max_size=15),
+    gaps=st.lists(st.integers(1, 90_000), min_size=2, max_size=60),
+    values=st.data(),
+    ahead=st.integers(-20_000, 20_000),
+)
+def test_in_order_batches_agree_with_reading_by_reading(
+    before: list[tuple[int, float]], gaps: list[int], values: st.DataObject, ahead: int
+) -> None:
+    policies = (
+        WindowPolicy([60, 3600], grace_s=10, retention_windows=2, dedup_s=300),
+        ReadingByReading([60, 3600], grace_s=10, retention_windows=2, dedup_s=300),
+    )
+    fast, slow = DeviceState(), DeviceState()
+    for offset, (at, value) in enumerate(before):  # some history, in any order
+        for policy, state in zip(policies, (fast, slow), strict=True):
+            policy.apply(state, reading(T0 + at, t=value, rpm=value * 2), offset, ApplyResult())
+    start = max([T0 + at for at, _ in before], default=T0) + ahead  # at, behind or ahead of the watermark
+    times = [start + sum(gaps[: i + 1]) for i in range(len(gaps))]
+    floats = st.floats(-1e6, 1e6, allow_nan=False)
+    batch = [Reading("d1", at, {"t": values.draw(floats), "rpm": values.draw(floats)}) for at in times]
+    results = []
+    for policy, state in zip(policies, (fast, slow), strict=True):
+        result = ApplyResult()
+        policy.apply(state, [Reading(r.device_id, r.event_ms, dict(r.metrics)) for r in batch], 99, result)
+        results.append(result)
+    _same(fast, slow)
+    assert results[0].touched == results[1].touched and results[0].latest_touched == results[1].latest_touched
+    assert results[0].late == results[1].late and results[0].duplicates == results[1].duplicates
