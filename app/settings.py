@@ -91,6 +91,10 @@ class KafkaSettings(_Group):
         500, ge=0, le=30_000,
         description="Longest the broker may hold a fetch waiting for data (faust alone would fix 1500).",
     )  # fmt: skip
+    producer_linger_ms: int = Field(
+        5, ge=0, le=10_000,
+        description="How long the producer waits to fill a request with changelog and DLQ records (0: send at once).",
+    )  # fmt: skip
     producer_max_batch_size: int = Field(
         16384, ge=1, description="Producer batch size in bytes (tests against tansu use 1)."
     )
