@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from app.broker import EmbeddedBroker, free_port, stop_process
-from app.local import LocalWorker, histogram_quantile, metric_value, rss_mb
+from app.local import LocalWorker, cpu_seconds, histogram_quantile, metric_value, rss_mb
 from app.simulator import Simulator, send_paced
 
 POLL_S = 0.25  # worker /metrics scrapes: each costs the worker a little CPU
@@ -72,9 +72,15 @@ class RateClock:
     done: float = math.nan
     total: int = 0
     rss: list[tuple[float, float]] = field(default_factory=list)  # (messages done, MiB)
+    cpu_ready: float = math.nan  # the consumer process's CPU seconds (all threads) at ready
+    cpu_done: float = math.nan
 
     def rate(self) -> float:
         return self.total / (self.done - self.ready) if self.done > self.ready else math.nan
+
+    def cpu_us_per_message(self) -> float:
+        """CPU per message, steadier than wall-clock rates on a shared machine."""
+        return (self.cpu_done - self.cpu_ready) / self.total * 1e6 if self.total else math.nan
 
 
 def _wait_ready(is_ready: Callable[[], bool], alive: Callable[[], None], limit_s: float) -> float:
@@ -235,8 +241,9 @@ class Bench:
         ceiling = asyncio.run(_consume_ceiling(bootstrap, "bench-single", o.messages, limit_s=600))
         self.say(f"    {ceiling:,.0f} msgs/s")
         self.say("2/5 bare faust agent that only counts (faust as installed, then with the worker's faust tuning)")
-        bare = self._bare(bootstrap, o.messages, "stock")
-        bare_tuned = self._bare(bootstrap, o.messages, "tuned")
+        bare_clock = self._bare(bootstrap, o.messages, "stock")
+        bare_tuned_clock = self._bare(bootstrap, o.messages, "tuned")
+        bare, bare_tuned = bare_clock.rate(), bare_tuned_clock.rate()
         self.say(f"    {bare:,.0f} msgs/s; {bare_tuned:,.0f} msgs/s tuned")
         self.say("3/5 full pipeline, single-reading messages")
         pipeline_clock, pipeline_text, pipeline_rss = self._pipeline("pipeline", "bench-single", o.messages)
@@ -278,6 +285,15 @@ class Bench:
             "bare_tuned_msgs_per_s": round(bare_tuned),
             "pipeline_vs_bare_tuned_ratio": round(pipeline / bare_tuned, 3),
             "pipeline_vs_ceiling_ratio": round(pipeline / ceiling, 3),
+            # CPU of each consumer process (all threads) per message, ready to done: steadier
+            # than wall-clock rates on a shared machine. The ratio: bare CPU / pipeline CPU.
+            "bare_agent_process_cpu_us_per_msg": round(bare_clock.cpu_us_per_message(), 1),
+            "bare_tuned_process_cpu_us_per_msg": round(bare_tuned_clock.cpu_us_per_message(), 1),
+            "pipeline_process_cpu_us_per_msg": round(pipeline_clock.cpu_us_per_message(), 1),
+            "pipeline_vs_bare_cpu_ratio": round(
+                bare_clock.cpu_us_per_message() / pipeline_clock.cpu_us_per_message(), 3
+            ),
+            "batched_process_cpu_us_per_reading": round(batched_clock.cpu_us_per_message() / o.batch_size, 2),
             "batched_readings_per_s": round(batched_rate),
             "pipeline_cpu_msgs_per_s": round(cpu_msgs),
             "pipeline_cpu_readings_per_s": round(cpu_readings),
@@ -289,7 +305,7 @@ class Bench:
             "rss_growth_ratio": round(half[-1] / half[0], 3) if len(half) >= 2 else 1.0,
         }
 
-    def _bare(self, bootstrap: str, total: int, shape: str) -> float:
+    def _bare(self, bootstrap: str, total: int, shape: str) -> RateClock:
         import urllib.request
 
         port = free_port()
@@ -312,6 +328,7 @@ class Bench:
         clock = RateClock(total=total)
         try:
             clock.ready = _wait_ready(lambda: bool(state()["ready"]), alive, 300)
+            clock.cpu_ready = cpu_seconds(proc.pid)
             deadline = time.monotonic() + 600
             while (count := state()["count"]) < total:
                 alive()
@@ -319,9 +336,10 @@ class Bench:
                     raise RuntimeError(f"the bare agent stopped at {count}/{total}; see bare.log")
                 time.sleep(BARE_POLL_S)
             clock.done = time.monotonic()
+            clock.cpu_done = cpu_seconds(proc.pid)
         finally:
             stop_process(proc, 30)
-        return clock.rate()
+        return clock
 
     def _worker(self, phase: str, topic: str, **settings: str) -> LocalWorker:
         worker = LocalWorker(
@@ -342,8 +360,10 @@ class Bench:
 
         try:
             clock.ready = _wait_ready(lambda: worker.get("/readyz")[0] == 200, worker.check_alive, 300)
+            clock.cpu_ready = cpu_seconds(worker.pid)
             text = worker.wait_acked(total, timeout=900, progress=self.say, on_poll=on_poll, interval=POLL_S)
             clock.done = time.monotonic()
+            clock.cpu_done = cpu_seconds(worker.pid)
         finally:
             worker.stop()
         return clock, text, [mb for _done, mb in clock.rss]

@@ -17,6 +17,8 @@ FIGURES = (
     "consume_ceiling_msgs_per_s", "bare_agent_msgs_per_s", "pipeline_msgs_per_s", "pipeline_vs_bare_ratio",
     "batched_readings_per_s", "latency_p50_s", "latency_p99_s", "rows_per_insert", "rss_peak_mb", "rss_growth_ratio",
     "bare_tuned_msgs_per_s", "pipeline_cpu_msgs_per_s", "pipeline_cpu_readings_per_s",
+    "bare_agent_process_cpu_us_per_msg", "pipeline_process_cpu_us_per_msg", "pipeline_vs_bare_cpu_ratio",
+    "batched_process_cpu_us_per_reading",
 )  # fmt: skip
 
 
