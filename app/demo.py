@@ -81,7 +81,7 @@ class Demo:
             "clickhouse_rows": stored,
             "aggregates": aggregates["window_aggregates"],
             "aggregate_devices": aggregates["devices"],
-            "aggregates_source": "worker tables (no ScyllaDB configured)",
+            "aggregates_source": "worker tables; no ScyllaDB configured",
             "lost": log.expected_rows - stored,
             "metrics_url": f"http://127.0.0.1:{worker.web_port}/metrics (while the demo ran)",
             "examples": examples,
