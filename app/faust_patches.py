@@ -10,6 +10,9 @@ measures both), so these are kept few and each is a copy of faust's code with on
   agent's CPU per message). While flow is not suspended the lean loop awaits the delivery
   directly; while it is (a rebalance), it does exactly what faust does. Everything else in
   the loop (read offsets, gaps, commit_every) is faust's.
+- :func:`configure_producer`: a produce request times out after the broker request timeout
+  instead of faust's 1200 s, and the producer's metadata keeps every topic millstream writes
+  to (aiokafka otherwise narrows it to the last topic a send found missing).
 - :class:`FaustSensor`: faust's Prometheus sensor, whose per-event hooks look up label
   children and normalise the stream's label on every event; here the children are cached.
   Same metrics, same values.
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, cast
 
 import faust
@@ -55,6 +58,36 @@ def set_fetch_max_wait(milliseconds: int) -> None:
 
     thread_class._millstream_original_create = original
     thread_class._create_worker_consumer = create_worker_consumer
+
+
+def configure_producer(request_timeout_s: float, topics: Callable[[Any], Iterable[str]]) -> None:
+    """Two changes to the aiokafka producer faust builds, both found by the frozen-broker chaos
+    scenario, where the producer (and with it every commit) stalled for 20 minutes:
+
+    - A produce request unanswered for ``request_timeout_s`` times out; aiokafka then closes the
+      connection and sends the batch again on a new one. faust's one 1200 s timeout also sets
+      how long a batch is retried, which stays as it is.
+    - The producer's metadata always covers ``topics(app)`` (the changelogs and the DLQ).
+      aiokafka refreshes metadata for the topics it *tracks*, and it tracks a topic only once a
+      send found it missing: after that, a refresh asks for that topic alone and forgets every
+      other one. A changelog partition then has no leader, its batch waits out the 1200 s, and
+      faust's one-at-a-time producer buffer waits behind it.
+    """
+    from faust.transport.drivers import aiokafka as driver
+
+    producer_class: Any = driver.Producer
+    original = getattr(producer_class, "_millstream_original_new", producer_class._new_producer)
+
+    def new_producer(self: Any, transactional_id: str | None = None) -> Any:
+        producer = original(self, transactional_id)
+        milliseconds = int(request_timeout_s * 1000)
+        producer.client._request_timeout_ms = milliseconds  # each connection's answer timeout
+        producer._sender._request_timeout_ms = milliseconds  # the broker's ack timeout, sent with each request
+        producer.client._topics.update(topics(self.app))
+        return producer
+
+    producer_class._millstream_original_new = original
+    producer_class._new_producer = new_producer
 
 
 async def _lean_drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - the fetch loop

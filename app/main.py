@@ -71,6 +71,7 @@ def create_app(settings: Settings) -> faust.App:
         cython_optimizations=True,
     )
     faust_patches.set_fetch_max_wait(kafka.fetch_max_wait_ms)
+    faust_patches.configure_producer(kafka.request_timeout_s, lambda app: produced_topics(app, settings))
     faust_patches.install_lean_drain()
     app.millstream_settings = settings  # type: ignore[attr-defined]
     _setup_metrics(app)
@@ -92,3 +93,8 @@ def _setup_metrics(app: faust.App) -> None:
     async def metrics_page(web: Any, request: Any) -> Any:
         # As a header: aiohttp refuses a content type that carries a charset parameter.
         return web.bytes(generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def produced_topics(app: faust.App, settings: Settings) -> list[str]:
+    """Every topic a worker writes to: the table changelogs and the DLQ."""
+    return [table.changelog_topic.get_topic_name() for table in app.tables.values()] + [settings.kafka.dlq_topic]

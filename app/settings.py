@@ -85,8 +85,10 @@ class KafkaSettings(_Group):
         30.0, gt=0, le=3600, description="Consumer session timeout; a dead worker is expelled after it."
     )
     request_timeout_s: float = Field(
-        40.0, gt=0, le=3600, description="Broker request timeout; must be >= session_timeout_s."
-    )
+        40.0, gt=0, le=3600,
+        description="Broker request timeout, also for each produce request (unanswered, it is sent again on "
+        "a new connection); must be >= session_timeout_s.",
+    )  # fmt: skip
     fetch_max_wait_ms: int = Field(
         500, ge=0, le=30_000,
         description="Longest the broker may hold a fetch waiting for data (faust alone would fix 1500).",
