@@ -60,7 +60,7 @@ class BatchCollector:
                 if self.max_bytes is not None:
                     size = len(event.message.value or b"")
                     if self.buffer and self.buffered_bytes + size > self.max_bytes:
-                        await self.hand_over()  # this event would overfill it (as chunk_by_bytes cuts)
+                        await self.hand_over()  # this event would overfill it: it starts the next batch
                     self.buffered_bytes += size
                 if not self.buffer:
                     self.first_at = self.clock()

@@ -16,7 +16,6 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import faust
@@ -97,23 +96,6 @@ async def crash_worker(app: faust.App, exc: BaseException) -> None:
     # If the graceful stop hangs (a sink or the broker is the trouble), leave anyway.
     loop.call_later(15.0, os._exit, CRASH_EXIT_CODE)
     await app.crash(exc)
-
-
-def chunk_by_bytes(events: list[Any], limit: int) -> Iterator[list[Any]]:
-    """Consecutive slices of ``events`` whose message values add up to ``limit`` bytes at most
-    (a single larger message is a slice of its own), so a batch of many-reading messages is
-    processed in steps of bounded memory."""
-    chunk: list[Any] = []
-    size = 0
-    for event in events:
-        length = len(event.message.value or b"")
-        if chunk and size + length > limit:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(event)
-        size += length
-    if chunk:
-        yield chunk
 
 
 def bytes_table(app: faust.App, settings: Settings, name: str, help: str) -> Any:
@@ -235,25 +217,27 @@ def register(app: faust.App, settings: Settings) -> Pipeline:
         for event in events:
             if event.message.tp not in assigned:
                 await stream.ack(event)
-        for chunk in chunk_by_bytes(live, settings.pipeline.batch_bytes):
-            batch = [
-                SourceMessage(
-                    e.message.topic,
-                    e.message.partition,
-                    e.message.offset,
-                    e.message.key,
-                    e.message.value,
-                    int(e.message.timestamp * 1000),
-                    handle=e,
-                )
-                for e in chunk
-            ]
-            prepared = await pipeline.prepare(batch)
-            # Its writes start once the previous batch's are done; meanwhile the next batch
-            # is prepared (and read). Order of commits and acks: strictly batch after batch.
-            await writes.submit(
-                functools.partial(pipeline.write, prepared), functools.partial(written, stream, chunk, generation)
+        if not live:
+            return
+        # One batch: the collector already cut it at MILLSTREAM_PIPELINE__BATCH_BYTES.
+        batch = [
+            SourceMessage(
+                e.message.topic,
+                e.message.partition,
+                e.message.offset,
+                e.message.key,
+                e.message.value,
+                int(e.message.timestamp * 1000),
+                handle=e,
             )
+            for e in live
+        ]
+        prepared = await pipeline.prepare(batch)
+        # Its writes start once the previous batch's are done; meanwhile the next batch is
+        # prepared (and read). Order of commits and acks: strictly batch after batch.
+        await writes.submit(
+            functools.partial(pipeline.write, prepared), functools.partial(written, stream, live, generation)
+        )
 
     async def written(stream: Any, chunk: list[Any], generation: int) -> None:
         # Everything derived from these offsets is written: now they may be committed.
