@@ -1,7 +1,8 @@
 """The places where millstream changes faust 0.15.3's own behaviour, each with its reason.
 
 faust's per-event machinery, not millstream's work, limits a worker (``millstream bench``
-measures both), so these are kept few and each is a copy of faust's code with one change:
+measures both), so these are kept few, each a copy of faust's code with one change or one
+setting faust gives no way to reach:
 
 - :func:`set_fetch_max_wait`: faust fixes aiokafka's ``fetch_max_wait_ms`` at 1500; a broker
   that holds a fetch that long when no data is waiting delays every quiet-time record.
@@ -17,8 +18,9 @@ measures both), so these are kept few and each is a copy of faust's code with on
   children and normalise the stream's label on every event; here the children are cached.
   Same metrics, same values.
 
-They are applied only to the faust release they were read from (pinned in pyproject.toml);
-on any other release faust's own code runs and a warning says so.
+faust 0.15.3 and aiokafka 0.14.0 are pinned in pyproject.toml. The fetch-loop copy is
+applied only to the faust release it was read from (on any other, faust's own loop runs and a
+warning says so); the other patches set attributes of those two pinned releases.
 """
 
 from __future__ import annotations
