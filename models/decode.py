@@ -9,7 +9,16 @@ Accepted shapes (all JSON objects):
 - batched: ``{"device_id": ..., "readings": [{"ts": ..., "metrics": {...}}, ...]}``.
 
 Timestamps are ISO-8601 strings or epoch seconds / milliseconds (numbers above 10^11 are
-milliseconds). A message without a timestamp takes the Kafka record's timestamp.
+milliseconds), from 2000-01-01 to ``max_future_skew_s`` ahead of now. A message without a
+timestamp takes the Kafka record's timestamp, checked the same way; a reading of a batched
+message without one takes the message's. Two readings of one message that measure the same
+metric at the same millisecond are rejected: both stores identify a measurement by device,
+metric and time, so one would silently replace the other.
+
+In the flat shape every number that is not metadata is a metric; strings, booleans, nulls,
+lists and objects beside them are descriptive fields that are not stored (counted in
+:attr:`Decoder.ignored_fields`). Metric values are finite and within ±1e100, so that window
+sums stay finite.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from __future__ import annotations
 import calendar
 import math
 import re
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -36,6 +45,9 @@ CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 MIN_EVENT_MS = 946_684_800_000  # 2000-01-01: older stamps are clock resets, not data
 KNOWN_NAMES_MAX = 10_000  # valid metric names remembered, so each is matched once
 EPOCH_MS_THRESHOLD = 100_000_000_000  # above: milliseconds; below: seconds (until year 5138)
+MAX_ABS_VALUE = 1e100  # larger magnitudes are not measurements, and their sums could overflow
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
 
 
 class _Reject(Exception):
@@ -63,8 +75,13 @@ def parse_time_ms(value: Any) -> int:
             raise _Reject(RejectReason.BAD_TIMESTAMP, f"unparseable timestamp {_short(value)}") from None
         if stamp.tzinfo is None:
             raise _Reject(RejectReason.BAD_TIMESTAMP, f"timestamp without time zone {_short(value)}")
-        # Integer arithmetic: float seconds * 1000 would lose a millisecond now and then.
-        millis = calendar.timegm(stamp.utctimetuple()) * 1000 + stamp.microsecond // 1000
+        # Timedelta arithmetic: exact to the microsecond, and defined for every year from 1 to
+        # 9999 with any offset (the UTC time tuple of 0001-01-01T00:00+01:00 is out of range).
+        # The common "Z" stamp takes the quicker integer route.
+        if stamp.utcoffset() == timedelta(0) and 1 < stamp.year < 9999:
+            millis = calendar.timegm(stamp.utctimetuple()) * 1000 + stamp.microsecond // 1000
+        else:
+            millis = (stamp - _EPOCH) // _MILLISECOND
     else:
         raise _Reject(RejectReason.BAD_TIMESTAMP, f"timestamp of type {type(value).__name__}")
     if millis < MIN_EVENT_MS:
@@ -82,8 +99,11 @@ class Decoder:
         max_readings_per_message: int = 1000,
         max_device_id_length: int = 128,
         max_future_skew_s: float = 300.0,
+        max_metrics_per_reading: int = 500,
     ) -> None:
         self.max_message_bytes = max_message_bytes
+        self.max_metrics = max_metrics_per_reading
+        self.ignored_fields = 0  # non-numeric fields beside the metrics of flat messages, ever
         self.max_readings = max_readings_per_message
         self.max_device_id_length = max_device_id_length
         self.max_future_skew_ms = int(max_future_skew_s * 1000)
@@ -97,6 +117,8 @@ class Decoder:
             return reject.rejection
         except RecursionError:
             return Rejection(RejectReason.UNDECODABLE, "nesting too deep")
+        except OverflowError as exc:  # a number or date out of any range
+            return Rejection(RejectReason.UNDECODABLE, f"OverflowError: {str(exc)[:120]}")
 
     def _decode(self, value: bytes, timestamp_ms: int, now_ms: int) -> list[Reading]:
         if len(value) > self.max_message_bytes:
@@ -109,7 +131,7 @@ class Decoder:
             raise _Reject(RejectReason.NOT_OBJECT, f"top level is {type(doc).__name__}")
         device_id = self._device_id(doc)
         factory, line, location = (_label(doc.get(k)) for k in ("factory", "line", "location"))
-        default_ms = self._time(doc, timestamp_ms, now_ms)
+        doc_ms = self._time(doc, now_ms)
         readings_doc = doc.get("readings")
         if readings_doc is not None:
             if not isinstance(readings_doc, list) or not readings_doc:
@@ -118,6 +140,7 @@ class Decoder:
                 raise _Reject(RejectReason.TOO_MANY_READINGS, f"{len(readings_doc)} readings > {self.max_readings}")
             readings: list[Reading] = []
             add, nested, newest_ms = readings.append, self._nested_metrics, now_ms + self.max_future_skew_ms
+            at: dict[int, int] = {}  # event time -> index of the first reading at it
             for index, item in enumerate(readings_doc):
                 if type(item) is not dict:
                     raise _Reject(RejectReason.BAD_READINGS, f"reading {index} is {type(item).__name__}")
@@ -126,14 +149,28 @@ class Decoder:
                 # The usual stamp of a batched reading, epoch milliseconds in range, is taken as
                 # it is; anything else goes through the full parser and its rejections.
                 if type(event_ms) is not int or not MIN_EVENT_MS <= event_ms <= newest_ms:
-                    event_ms = self._time(item, default_ms, now_ms)
+                    event_ms = self._time(item, now_ms)
+                    if event_ms is None:
+                        event_ms = doc_ms if doc_ms is not None else self._record_time(timestamp_ms, now_ms)
+                first = at.setdefault(event_ms, index)
+                if first != index:
+                    # A metric measured twice at one millisecond is one measurement to both stores:
+                    # the second value would silently replace or join the first. Say so instead.
+                    shared = metrics.keys() & readings[first].metrics.keys()
+                    if shared:
+                        raise _Reject(
+                            RejectReason.BAD_READINGS,
+                            f"readings {first} and {index} both measure {_short(min(shared))} at {event_ms} "
+                            "(a reading without a timestamp takes the message's)",
+                        )
                 add(Reading(device_id, event_ms, metrics, index, factory, line, location))
             return readings
         if "metrics" in doc:
             metrics = self._nested_metrics(doc["metrics"], None)
         else:
             metrics = self._flat_metrics(doc)
-        return [Reading(device_id, default_ms, metrics, 0, factory, line, location)]
+        event_ms = doc_ms if doc_ms is not None else self._record_time(timestamp_ms, now_ms)
+        return [Reading(device_id, event_ms, metrics, 0, factory, line, location)]
 
     def _device_id(self, doc: dict[str, Any]) -> str:
         device_id = doc.get("device_id")
@@ -149,7 +186,8 @@ class Decoder:
             raise _Reject(RejectReason.DEVICE_ID_INVALID, "control characters in device_id")
         return device_id
 
-    def _time(self, doc: dict[str, Any], default_ms: int, now_ms: int) -> int:
+    def _time(self, doc: dict[str, Any], now_ms: int) -> int | None:
+        """The first timestamp field of ``doc``, checked; None when it has none."""
         for name in TIME_FIELDS:
             raw = doc.get(name)
             if raw is not None:
@@ -157,7 +195,21 @@ class Decoder:
                 if event_ms > now_ms + self.max_future_skew_ms:
                     raise _Reject(RejectReason.FUTURE_TIMESTAMP, f"{name} {(event_ms - now_ms) / 1000:.0f}s ahead")
                 return event_ms
-        return default_ms
+        return None
+
+    def _record_time(self, timestamp_ms: int, now_ms: int) -> int:
+        """The Kafka record's timestamp for a message without one, checked like any other."""
+        if timestamp_ms < MIN_EVENT_MS:
+            raise _Reject(
+                RejectReason.BAD_TIMESTAMP,
+                f"no timestamp field, and the Kafka record timestamp {timestamp_ms} is before 2000",
+            )
+        if timestamp_ms > now_ms + self.max_future_skew_ms:
+            raise _Reject(
+                RejectReason.FUTURE_TIMESTAMP,
+                f"no timestamp field, and the Kafka record timestamp is {(timestamp_ms - now_ms) / 1000:.0f}s ahead",
+            )
+        return timestamp_ms
 
     def _nested_metrics(self, raw: Any, index: int | None) -> dict[str, float]:
         """``index``: the reading's place in a batched message (named in rejections), else None."""
@@ -165,12 +217,15 @@ class Decoder:
             raise _Reject(RejectReason.NO_METRICS, f"{_where(index)}metrics is {type(raw).__name__}, not an object")
         if not raw:
             raise _Reject(RejectReason.NO_METRICS, f"{_where(index)}metrics is empty")
+        if len(raw) > self.max_metrics:
+            raise _Reject(RejectReason.TOO_MANY_METRICS, f"{_where(index)}{len(raw)} metrics > {self.max_metrics}")
         known, isfinite = self._known_names, math.isfinite
         for name, value in raw.items():
             if name not in known:
                 self._check_name(name, _where(index))
-            # The common case, a finite float, costs two checks; the rest go the long way.
-            if type(value) is not float or not isfinite(value):
+            # The common case, a finite float of a sane size, costs three checks; the rest go
+            # the long way.
+            if type(value) is not float or not isfinite(value) or not -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE:
                 raw[name] = _number(value, f"{_where(index)}{name}")
         return raw  # validated in place: every value is now a finite float
 
@@ -183,13 +238,18 @@ class Decoder:
     def _flat_metrics(self, doc: dict[str, Any]) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for name, value in doc.items():
-            if name in METADATA_FIELDS or isinstance(value, bool) or not isinstance(value, int | float):
-                continue  # strings, objects, flags: descriptive fields, not measurements
+            if name in METADATA_FIELDS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                self.ignored_fields += 1  # strings, objects, flags: descriptive fields, not measurements
+                continue
             if name not in self._known_names:
                 self._check_name(name, "")
             metrics[name] = _number(value, name)
         if not metrics:
             raise _Reject(RejectReason.NO_METRICS, "no numeric fields")
+        if len(metrics) > self.max_metrics:
+            raise _Reject(RejectReason.TOO_MANY_METRICS, f"{len(metrics)} metrics > {self.max_metrics}")
         return metrics
 
 
@@ -202,6 +262,8 @@ def _number(value: Any, where: str) -> float:
         number = math.inf
     if not math.isfinite(number):
         raise _Reject(RejectReason.BAD_VALUE, f"{where} is not finite")
+    if not -MAX_ABS_VALUE <= number <= MAX_ABS_VALUE:
+        raise _Reject(RejectReason.BAD_VALUE, f"{where} = {number:g} is beyond ±{MAX_ABS_VALUE:g}")
     return number
 
 

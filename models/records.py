@@ -27,6 +27,9 @@ class RejectReason(enum.StrEnum):
     BAD_READINGS = "bad_readings"  # "readings" is not a non-empty list of objects
     TOO_MANY_READINGS = "too_many_readings"  # batch over limits.max_readings_per_message
     KEY_MISMATCH = "key_mismatch"  # Kafka message key is not the device_id (breaks per-device order)
+    TOO_MANY_METRICS = "too_many_metrics"  # a reading with more metrics than limits.max_metrics_per_reading
+    STATE_TOO_LARGE = "state_too_large"  # applying it would grow its device's state past limits.max_state_bytes
+    INTERNAL_ERROR = "internal_error"  # millstream raised while handling it (a bug): isolated, kept for replay
 
 
 @dataclass(slots=True)

@@ -12,7 +12,10 @@ from models.records import Reading, Rejection, RejectReason
 
 NOW_MS = 1_705_314_600_000  # 2024-01-15T10:30:00Z
 KAFKA_TS = NOW_MS - 5_000
-decoder = Decoder(max_message_bytes=4096, max_readings_per_message=3, max_device_id_length=16, max_future_skew_s=60)
+decoder = Decoder(
+    max_message_bytes=4096, max_readings_per_message=3, max_device_id_length=16, max_future_skew_s=60,
+    max_metrics_per_reading=8,
+)  # fmt: skip
 
 
 def decode(doc: object) -> list[Reading] | Rejection:
@@ -119,6 +122,27 @@ REJECTS = [
     ({"device_id": "d", "readings": [{"metrics": {"t": 1}}] * 4}, RejectReason.TOO_MANY_READINGS),
     ({"device_id": "d", "readings": [{"metrics": {"t": 1}}, {"metrics": {"t": "x"}}]}, RejectReason.BAD_VALUE),
     ({"device_id": "d", "readings": [{"ts": NOW_MS * 2, "metrics": {"t": 1}}]}, RejectReason.FUTURE_TIMESTAMP),
+    # Regressions (issue: no single record may stop the group): calendar edges, bad record
+    # timestamps, readings collapsing into one, more metrics than allowed, sums that overflow.
+    ({"device_id": "d", "ts": "0001-01-01T00:00:00+01:00", "t": 1}, RejectReason.BAD_TIMESTAMP),
+    ({"device_id": "d", "ts": "9999-12-31T23:59:00-01:00", "t": 1}, RejectReason.FUTURE_TIMESTAMP),
+    (
+        {"device_id": "d", "readings": [{"ts": "0001-01-01T00:00:00+01:00", "metrics": {"t": 1}}]},
+        RejectReason.BAD_TIMESTAMP,
+    ),
+    (
+        {"device_id": "d", "readings": [{"ts": "9999-12-31T23:59:00-01:00", "metrics": {"t": 1}}]},
+        RejectReason.FUTURE_TIMESTAMP,
+    ),
+    ({"device_id": "d", "readings": [{"metrics": {"t": 1}}, {"metrics": {"t": 2}}]}, RejectReason.BAD_READINGS),
+    (
+        {"device_id": "d", "readings": [{"ts": NOW_MS, "metrics": {"t": 1}}, {"ts": NOW_MS, "metrics": {"t": 2}}]},
+        RejectReason.BAD_READINGS,
+    ),
+    ({"device_id": "d", "ts": NOW_MS, "metrics": {f"m{i}": 1 for i in range(9)}}, RejectReason.TOO_MANY_METRICS),
+    ({"device_id": "d", "ts": NOW_MS, **{f"m{i}": 1 for i in range(9)}}, RejectReason.TOO_MANY_METRICS),
+    ({"device_id": "d", "ts": NOW_MS, "metrics": {"t": 1e101}}, RejectReason.BAD_VALUE),
+    ({"device_id": "d", "ts": NOW_MS, "t": -1.5e300}, RejectReason.BAD_VALUE),
 ]
 
 
@@ -131,8 +155,42 @@ def test_every_reject_reason(doc: object, reason: RejectReason) -> None:
 
 
 def test_every_reason_is_exercised() -> None:
-    covered = {reason for _, reason in REJECTS} | {RejectReason.KEY_MISMATCH}  # key: tests/unit/test_pipeline.py
+    # Decided in the pipeline, not the decoder: tests/unit/test_pipeline.py.
+    elsewhere = {RejectReason.KEY_MISMATCH, RejectReason.STATE_TOO_LARGE, RejectReason.INTERNAL_ERROR}
+    covered = {reason for _, reason in REJECTS} | elsewhere
     assert covered == set(RejectReason)
+
+
+@pytest.mark.parametrize("record_ms", [0, -1, 946_684_799_999, NOW_MS + 61_000, 2**63 - 1])
+def test_a_message_without_a_timestamp_gets_the_record_timestamp_checked(record_ms: int) -> None:
+    """Regression: a record timestamp of 0 or -1 reached the sinks (and broke the batch),
+    a far-future one froze the device's windows."""
+    for doc in ({"device_id": "d", "t": 1}, {"device_id": "d", "metrics": {"t": 1}},
+                {"device_id": "d", "readings": [{"metrics": {"t": 1}}]}):  # fmt: skip
+        result = decoder.decode(orjson.dumps(doc), timestamp_ms=record_ms, now_ms=NOW_MS)
+        assert isinstance(result, Rejection), (doc, result)
+        assert result.reason in (RejectReason.BAD_TIMESTAMP, RejectReason.FUTURE_TIMESTAMP)
+        assert "record timestamp" in result.detail
+
+
+def test_a_reading_may_take_the_message_time_when_nothing_collides() -> None:
+    result = readings({"device_id": "d", "ts": NOW_MS, "readings": [
+        {"metrics": {"t": 1}}, {"ts": NOW_MS, "metrics": {"h": 2}}, {"ts": NOW_MS - 1, "metrics": {"t": 3}},
+    ]})  # fmt: skip
+    assert [(r.event_ms, r.metrics) for r in result] == [
+        (NOW_MS, {"t": 1.0}), (NOW_MS, {"h": 2.0}), (NOW_MS - 1, {"t": 3.0})
+    ]  # fmt: skip
+
+
+def test_flat_fields_that_are_not_numbers_are_counted_not_silently_dropped() -> None:
+    counting = Decoder()
+    before = counting.ignored_fields
+    result = counting.decode(
+        orjson.dumps({"device_id": "d", "ts": NOW_MS, "t": 1.5, "status": "ok", "door": True, "cfg": {"a": 1}}),
+        timestamp_ms=KAFKA_TS, now_ms=NOW_MS,
+    )  # fmt: skip
+    assert isinstance(result, list) and result[0].metrics == {"t": 1.5}
+    assert counting.ignored_fields - before == 3
 
 
 def test_deep_nesting_is_a_rejection_not_a_crash() -> None:
