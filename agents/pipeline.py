@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from agents.windows import COUNT, LAST, LAST_MS, MAX, MIN, OFFSET, SUM, ApplyResult, DeviceState, WindowPolicy
@@ -20,9 +20,10 @@ from models.decode import Decoder
 from models.records import Rejection, RejectReason, SourceMessage
 from sinks.base import RetryPolicy, Sink
 from sinks.clickhouse import RawBatch, RawRow
-from sinks.scylla import AggregateBatch
+from sinks.scylla import AggregateBatch, LatestRow, WindowRow
 
 MAX_FACTORY_LABELS = 200
+INTERNAL_ERROR_DETAIL = 500  # characters of an isolated exception kept in the DLQ detail header
 
 
 class PipelineHalted(Exception):
@@ -30,12 +31,15 @@ class PipelineHalted(Exception):
 
 
 class StateStore(Protocol):
-    """Per-device window state; in the worker a changelog-backed faust table."""
+    """Per-device window state; in the worker a changelog-backed faust table.
 
-    def get(self, device_key: bytes) -> bytes | None: ...
+    ``source`` is a message whose partition owns the key: a partitioned store (RocksDB keeps
+    one database per partition) reads and writes that partition's database.
+    """
 
-    def put(self, device_key: bytes, value: bytes, source: SourceMessage) -> None:
-        """Store ``value``; ``source`` is the message whose partition owns the key."""
+    def get(self, device_key: bytes, source: SourceMessage) -> bytes | None: ...
+
+    def put(self, device_key: bytes, value: bytes, source: SourceMessage) -> None: ...
 
 
 def _progress_key(message: SourceMessage) -> bytes:
@@ -43,8 +47,19 @@ def _progress_key(message: SourceMessage) -> bytes:
 
 
 def _progress_of(progress: StateStore, message: SourceMessage) -> int:
-    raw = progress.get(_progress_key(message))
+    raw = progress.get(_progress_key(message), message)
     return int(raw) if raw is not None else -1
+
+
+class Acknowledgements(Protocol):
+    """Changelog records sent while a batch was prepared, to wait for before it is committed."""
+
+    def take(self) -> list[Awaitable[object]]:
+        """Every record sent since the last call (the futures of their broker acknowledgements)."""
+
+
+class StateTooLarge(Exception):
+    """Applying a message would grow its device's state past ``limits.max_state_bytes``."""
 
 
 class DeadLetters(Protocol):
@@ -63,6 +78,7 @@ class BatchOutcome:
     rejected: int = 0
     replayed: int = 0
     readings: int = 0
+    duplicates: int = 0
     raw_rows: int = 0
     aggregates: int = 0
 
@@ -75,6 +91,20 @@ class PreparedBatch:
     valid: list[SourceMessage]
     raw: RawBatch
     aggregates: AggregateBatch
+    changelog: list[Awaitable[object]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _DeviceResult:
+    """One device's share of a batch, computed before anything is stored."""
+
+    rows: list[RawRow] = field(default_factory=list)
+    windows: list[WindowRow] = field(default_factory=list)
+    latest: list[LatestRow] = field(default_factory=list)
+    state: bytes | None = None  # the new state to store, None to leave it
+    replayed: int = 0
+    late: dict[int, int] = field(default_factory=dict)
+    duplicates: int = 0
 
 
 class Pipeline:
@@ -90,6 +120,8 @@ class Pipeline:
         retry: RetryPolicy,
         dlq_max_consecutive: int,
         dlq_progress: StateStore | None = None,
+        changelog: Acknowledgements | None = None,
+        max_state_bytes: int = 512 * 1024,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.decoder = decoder
@@ -100,49 +132,86 @@ class Pipeline:
         self.dead_letters = dead_letters
         self.retry = retry
         self.dlq_max_consecutive = dlq_max_consecutive
+        self.max_state_bytes = max_state_bytes
         self.clock = clock
         self.consecutive_rejects = 0
         self.dlq_progress = dlq_progress
+        self.changelog = changelog
+        # (topic, partition) -> highest offset whose rows both sinks have: windows changed by
+        # later offsets are not evicted from the state yet (see agents/windows.py).
+        self.written: dict[tuple[str, int], int] = {}
         self._factories: set[str] = set()
+        self._ignored_fields = 0  # of decoder.ignored_fields, already counted in the metric
 
     async def process(self, batch: list[SourceMessage]) -> BatchOutcome:
         """Process one batch; see the numbered order below. Raises instead of losing data."""
         # The order of a flush (the only place it is written down):
-        # 1. decode every message; rejections go to the DLQ, awaited until the broker has them;
-        # 2. apply the readings to each device's window state, skipping offsets already applied,
-        #    and store the state (faust flushes the changelog before it commits any offset);
-        #    (1-2 are prepare(): the worker prepares the next batch while this one's writes
+        # 1. decode every message (a bad one gets a rejection with a reason);
+        # 2. apply each device's readings to its window state, in memory, skipping offsets the
+        #    state already holds; a message that raises, or would grow its device's state past
+        #    the limit, is isolated: rejected as internal_error / state_too_large, its device's
+        #    state as it was before it;
+        # 3. rejected messages go to the DLQ, awaited until the broker has them (before any
+        #    state is stored: a crash here replays the batch with the state untouched);
+        # 4. store each changed device state (a changelog record each). A replayed device's
+        #    state is stored again too: a local RocksDB state can hold what the changelog does
+        #    not, and the offset is about to be committed;
+        #    (1-4 are prepare(): the worker prepares the next batch while this one's writes
         #    are in flight, one batch's writes at a time)
-        # 3. write raw rows to ClickHouse and 4. upsert every aggregate the batch touched to
-        #    ScyllaDB, concurrently, each retrying the same rows on retriable errors (write());
-        # 5. the caller lets the gate commit the batch's offsets and acks it, batches strictly
+        # 5. write raw rows to ClickHouse and 6. upsert every aggregate the batch touched to
+        #    ScyllaDB, concurrently, each retrying the same rows on retriable errors, then
+        # 7. wait until the broker has acknowledged the batch's changelog records (faust's own
+        #    flush before a commit gives up after 0.1 s without progress) (write());
+        # 8. the caller lets the gate commit the batch's offsets and acks it, batches strictly
         #    in order (agents/ingest.py, agents/offsets.py).
-        # A fatal error, or retries running out, raises before 5: nothing of the batch is acked.
+        # A fatal error, or retries running out, raises before 8: nothing of the batch is acked.
         return await self.write(await self.prepare(batch))
 
     async def prepare(self, batch: list[SourceMessage]) -> PreparedBatch:
-        """Steps 1-2: decode, dead-letter, apply to the window state; the rows to write."""
+        """Steps 1-4: decode, apply, dead-letter, store the state; the rows to write."""
         outcome = BatchOutcome(messages=len(batch))
         now = self.clock()
-        rejected = self._decode(batch, now)
+        self._decode(batch, now)
+        devices = self._apply([m for m in batch if m.rejection is None], int(now))
+        rejected = self._guard(batch)
         if rejected:
             outcome.rejected = len(rejected)
             await self._dead_letter(rejected)
         valid = [m for m in batch if m.rejection is None]
-        raw = self._raw_rows(valid, now)
-        aggregates = self._apply(valid, outcome)
+        raw: list[RawRow] = []
+        aggregates = AggregateBatch()
+        late: dict[int, int] = {}
+        for device_key, (result, source) in devices.items():
+            if result.state is not None:
+                self.state.put(device_key, result.state, source)
+            raw += result.rows
+            aggregates.windows += result.windows
+            aggregates.latest += result.latest
+            outcome.replayed += result.replayed
+            outcome.duplicates += result.duplicates
+            for size, count in result.late.items():
+                late[size] = late.get(size, 0) + count
+        for size, count in late.items():
+            metrics.LATE_READINGS.labels(window_size_s=str(size)).inc(count)
+        if outcome.duplicates:
+            metrics.DUPLICATE_READINGS.inc(outcome.duplicates)
         outcome.readings = sum(len(m.readings) for m in valid)
-        outcome.raw_rows, outcome.aggregates = len(raw.rows), len(aggregates)
-        return PreparedBatch(outcome, valid, raw, aggregates)
+        outcome.raw_rows, outcome.aggregates = len(raw), len(aggregates)
+        changelog = self.changelog.take() if self.changelog is not None else []
+        return PreparedBatch(outcome, valid, RawBatch(raw, _token(valid)), aggregates, changelog)
 
     async def write(self, prepared: PreparedBatch) -> BatchOutcome:
-        """Steps 3-4: both sinks, concurrently, retried; returns once both have everything."""
+        """Steps 5-7: both sinks, concurrently, retried, and the batch's changelog records
+        acknowledged; returns once all of it is durable."""
         outcome, valid, raw, aggregates = prepared.outcome, prepared.valid, prepared.raw, prepared.aggregates
-        async with asyncio.TaskGroup() as writes:
-            writes.create_task(self.retry.run(self.raw_sink.name, lambda: self.raw_sink.write(raw)))
-            if self.aggregate_sink is not None:
-                sink = self.aggregate_sink
-                writes.create_task(self.retry.run(sink.name, lambda: sink.write(aggregates)))
+        await self._write_both(raw, aggregates)
+        if prepared.changelog:
+            await asyncio.gather(*prepared.changelog)  # a failed record raises: nothing is committed
+        written = self.written
+        for message in valid:
+            where = (message.topic, message.partition)
+            if message.offset > written.get(where, -1):
+                written[where] = message.offset
         metrics.MESSAGES.labels(outcome="processed").inc(len(valid) - outcome.replayed)
         metrics.MESSAGES.labels(outcome="replayed").inc(outcome.replayed)
         metrics.READINGS.inc(outcome.readings)
@@ -158,13 +227,31 @@ class Pipeline:
             metrics.NEWEST_EVENT.set(max(newest.values()) / 1000)
         return outcome
 
+    async def _write_both(self, raw: RawBatch, aggregates: AggregateBatch) -> None:
+        """Both sinks at once; the first failure cancels the other write and is raised as it
+        is (not wrapped in an ExceptionGroup), so the sink signals keep their meaning."""
+        writes = [asyncio.ensure_future(self.retry.run(self.raw_sink.name, lambda: self.raw_sink.write(raw)))]
+        if self.aggregate_sink is not None:
+            sink = self.aggregate_sink
+            writes.append(asyncio.ensure_future(self.retry.run(sink.name, lambda: sink.write(aggregates))))
+        try:
+            done, _ = await asyncio.wait(writes, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # raises the first failure
+        finally:
+            for task in writes:
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(*writes, return_exceptions=True)
+
     def _factory_label(self, factory: str) -> str:
         """Factory names come from devices: bound the label set so bad input cannot explode it."""
-        if factory in self._factories:
-            return factory
+        label = factory or "unknown"
+        if label in self._factories:
+            return label
         if len(self._factories) < MAX_FACTORY_LABELS:
-            self._factories.add(factory)
-            return factory or "unknown"
+            self._factories.add(label)
+            return label
         return "other"
 
     async def _dead_letter(self, rejected: list[SourceMessage]) -> None:
@@ -189,111 +276,214 @@ class Pipeline:
             for message in last.values():
                 progress.put(_progress_key(message), str(message.offset).encode(), message)
 
-    def _decode(self, batch: list[SourceMessage], now: float) -> list[SourceMessage]:
+    def _decode(self, batch: list[SourceMessage], now: float) -> None:
+        """Step 1: readings or a rejection on every message. Raises for nothing a message holds."""
         now_ms = int(now * 1000)
-        rejected: list[SourceMessage] = []
+        decode = self.decoder.decode
         for message in batch:
-            result = self.decoder.decode(message.value, timestamp_ms=message.timestamp_ms, now_ms=now_ms)
+            try:
+                result = decode(message.value, timestamp_ms=message.timestamp_ms, now_ms=now_ms)
+            except Exception as exc:  # a decoder bug must not stop the partition
+                message.rejection = _internal_error(exc, "decode")
+                continue
             if isinstance(result, Rejection):
                 message.rejection = result
+                continue
+            device = result[0].device_id.encode()
+            if message.key != device:
+                # All of a device's messages must share a partition for offsets to order them.
+                shown = message.key.decode(errors="replace")[:60] if message.key is not None else None
+                message.rejection = Rejection(
+                    RejectReason.KEY_MISMATCH, f"message key {shown!r} is not the device_id {result[0].device_id!r}"
+                )
             else:
-                device = result[0].device_id.encode()
-                if message.key != device:
-                    # All of a device's messages must share a partition for offsets to order them.
-                    shown = message.key.decode(errors="replace")[:60] if message.key is not None else None
-                    message.rejection = Rejection(
-                        RejectReason.KEY_MISMATCH, f"message key {shown!r} is not the device_id {result[0].device_id!r}"
-                    )
-                else:
-                    message.readings = result
-            if message.rejection is not None:
-                rejected.append(message)
-                metrics.REJECTS.labels(reason=message.rejection.reason.value).inc()
-                self.consecutive_rejects += 1
-                if self.consecutive_rejects >= self.dlq_max_consecutive:
-                    raise PipelineHalted(
-                        f"{self.consecutive_rejects} consecutive messages rejected (last: "
-                        f"{message.rejection.reason.value}: {message.rejection.detail}); refusing to flood the DLQ "
-                        "- check the producers (MILLSTREAM_LIMITS__DLQ_MAX_CONSECUTIVE)"
-                    )
-            else:
+                message.readings = result
+        ignored = self.decoder.ignored_fields - self._ignored_fields
+        if ignored:
+            self._ignored_fields += ignored
+            metrics.IGNORED_FIELDS.inc(ignored)
+
+    def _guard(self, batch: list[SourceMessage]) -> list[SourceMessage]:
+        """The rejected messages of the batch, counted; stops the worker on a flood of them."""
+        rejected: list[SourceMessage] = []
+        for message in batch:
+            if message.rejection is None:
                 self.consecutive_rejects = 0
+                continue
+            rejected.append(message)
+            self.consecutive_rejects += 1
+            if self.consecutive_rejects >= self.dlq_max_consecutive:
+                raise PipelineHalted(
+                    f"{self.consecutive_rejects} consecutive messages rejected (last: "
+                    f"{message.rejection.reason.value}: {message.rejection.detail}); refusing to flood the DLQ "
+                    "- check the producers (MILLSTREAM_LIMITS__DLQ_MAX_CONSECUTIVE)"
+                )
+        for message in rejected:
+            assert message.rejection is not None
+            metrics.REJECTS.labels(reason=message.rejection.reason.value).inc()
         metrics.MESSAGES.labels(outcome="rejected").inc(len(rejected))
         return rejected
 
-    @staticmethod
-    def _raw_rows(valid: list[SourceMessage], now: float) -> RawBatch:
-        ingest = int(now)
-        rows: list[RawRow] = []
-        add = rows.append
-        spans: dict[tuple[str, int], list[int]] = {}
-        for message in valid:
-            partition, offset = message.partition, message.offset
-            span = spans.setdefault((message.topic, partition), [offset, offset])
-            span[1] = offset
-            for reading in message.readings:
-                device, factory, line, location = reading.device_id, reading.factory, reading.line, reading.location
-                event_ms, index = reading.event_ms, reading.index
-                event_s = event_ms // 1000
-                for metric, value in reading.metrics.items():
-                    add(
-                        (
-                            device,
-                            factory,
-                            line,
-                            location,
-                            metric,
-                            value,
-                            event_s,
-                            event_ms,
-                            ingest,
-                            partition,
-                            offset,
-                            index,
-                        )
-                    )
-        token = ",".join(f"{topic}/{part}:{first}-{last}" for (topic, part), (first, last) in sorted(spans.items()))
-        return RawBatch(rows, token)
-
-    def _apply(self, valid: list[SourceMessage], outcome: BatchOutcome) -> AggregateBatch:
+    def _apply(self, valid: list[SourceMessage], ingest: int) -> dict[bytes, tuple[_DeviceResult, SourceMessage]]:
+        """Step 2, per device: its rows, its aggregates to upsert, its new state (not stored yet)."""
         by_device: dict[bytes, list[SourceMessage]] = {}
         for message in valid:
             assert message.key is not None  # checked in _decode
             by_device.setdefault(message.key, []).append(message)
-        batch = AggregateBatch()
-        late: dict[int, int] = {}
-        duplicates = 0
+        devices: dict[bytes, tuple[_DeviceResult, SourceMessage]] = {}
         for device_key, messages in by_device.items():
-            state = DeviceState.loads(self.state.get(device_key))
-            result = ApplyResult()
-            changed = False
+            stored = self.state.get(device_key, messages[0])
+            try:
+                result = self._apply_device(device_key, messages, stored, ingest)
+            except Exception as exc:
+                # Something about one of these messages (or the stored state) raised: find which,
+                # one message at a time from the stored state; the rest go on as usual.
+                log.warning("device %r: applying %d messages raised %r; isolating them one by one",
+                            device_key[:80], len(messages), exc)  # fmt: skip
+                result = self._isolate(device_key, messages, stored, ingest)
+            devices[device_key] = (result, messages[-1])
+        return devices
+
+    def _apply_device(
+        self, device_key: bytes, messages: list[SourceMessage], stored: bytes | None, ingest: int
+    ) -> _DeviceResult:
+        state = DeviceState.loads(stored)
+        result = _DeviceResult()
+        applied = ApplyResult()
+        changed = replayed = False
+        isolated = state.isolated
+        for message in messages:
+            if isolated and message.offset <= state.offset and message.offset in isolated:
+                message.rejection = _isolated_again(message)
+                continue
+            applied.applied = True
+            self.windows.apply(state, message.readings, message.offset, applied)
+            if applied.applied:
+                changed = True
+            else:
+                replayed = True
+                result.replayed += 1
+            _add_rows(result.rows, message, ingest)
+        self._collect(device_key.decode(), state, applied, result)
+        if changed or replayed:
+            where = (messages[0].topic, messages[0].partition)
+            self.windows.evict(state, self.written.get(where, -1))
+            result.state = self._dump(state)
+        return result
+
+    def _isolate(
+        self, device_key: bytes, messages: list[SourceMessage], stored: bytes | None, ingest: int
+    ) -> _DeviceResult:
+        """One message at a time; a message that raises is rejected and its changes undone."""
+        result = _DeviceResult()
+        try:
+            state = DeviceState.loads(stored)
+        except Exception as exc:
+            # The stored state itself is unreadable: every message of the device is kept in the
+            # DLQ (replayable after a fix) rather than applied to an empty state.
             for message in messages:
-                result.applied = True
-                self.windows.apply(state, message.readings, message.offset, result)
-                if result.applied:
-                    changed = True
+                message.rejection = _internal_error(exc, "loading the device state")
+                metrics.ISOLATED.labels(reason=message.rejection.reason.value).inc()
+            return result
+        applied = ApplyResult()
+        written = self.written.get((messages[0].topic, messages[0].partition), -1)
+        before = self._dump(state, limit=False)
+        changed = False
+        for message in messages:
+            if message.offset <= state.offset and message.offset in state.isolated:
+                message.rejection = _isolated_again(message)
+                continue
+            one = ApplyResult()
+            rows: list[RawRow] = []
+            try:
+                self.windows.apply(state, message.readings, message.offset, one)
+                _add_rows(rows, message, ingest)
+                self.windows.evict(state, written)
+                after = self._dump(state)
+            except Exception as exc:
+                state = DeviceState.loads(before)
+                if isinstance(exc, StateTooLarge):
+                    message.rejection = Rejection(RejectReason.STATE_TOO_LARGE, str(exc))
                 else:
-                    outcome.replayed += 1
-            for size, count in result.late.items():
-                late[size] = late.get(size, 0) + count
-            duplicates += result.duplicates
-            device = device_key.decode()
-            windows = state.windows
-            for key in result.touched:
-                agg = windows[key]  # type: ignore[index]  # a plain tuple finds its WindowKey
-                metric, size_s, start_ms = key
-                batch.windows.append(
-                    (device, metric, size_s, start_ms, start_ms + size_s * 1000, agg[COUNT],
-                     agg[SUM], agg[MIN], agg[MAX], agg[LAST], agg[LAST_MS], agg[OFFSET])
-                )  # fmt: skip
-            for metric in result.latest_touched:
-                value, event_ms, offset = state.latest[metric]
-                batch.latest.append((device, metric, value, event_ms, offset))
-            if changed:  # a batch of pure replays leaves the state (and its changelog) alone
-                self.windows.evict(state)  # after the rows above: evicted windows were final already
-                self.state.put(device_key, state.dumps(), messages[-1])
-        for size, count in late.items():
-            metrics.LATE_READINGS.labels(window_size_s=str(size)).inc(count)
-        if duplicates:
-            metrics.DUPLICATE_READINGS.inc(duplicates)
-        return batch
+                    message.rejection = _internal_error(exc, "applying the readings")
+                    log.error("message %s/%s@%s isolated to the DLQ: %r", message.topic, message.partition,
+                              message.offset, exc, exc_info=exc)  # fmt: skip
+                metrics.ISOLATED.labels(reason=message.rejection.reason.value).inc()
+                self.windows.isolate(state, message.offset)
+                before, changed = self._dump(state, limit=False), True
+                continue
+            before, changed = after, True
+            if not one.applied:
+                result.replayed += 1
+            result.rows += rows
+            applied.touched |= one.touched
+            applied.latest_touched |= one.latest_touched
+            applied.duplicates += one.duplicates
+            for size, count in one.late.items():
+                applied.late[size] = applied.late.get(size, 0) + count
+        self._collect(device_key.decode(errors="replace"), state, applied, result)
+        if changed:
+            result.state = before
+        return result
+
+    def _dump(self, state: DeviceState, limit: bool = True) -> bytes:
+        dumped = state.dumps()
+        if limit and len(dumped) > self.max_state_bytes:
+            raise StateTooLarge(
+                f"device state would be {len(dumped)} bytes > {self.max_state_bytes} "
+                f"({len(state.latest)} metrics, {len(state.windows)} windows; MILLSTREAM_LIMITS__MAX_STATE_BYTES)"
+            )
+        return dumped
+
+    @staticmethod
+    def _collect(device: str, state: DeviceState, applied: ApplyResult, result: _DeviceResult) -> None:
+        """The aggregates to upsert: every window and latest value the messages touched."""
+        windows, latest = state.windows, state.latest
+        for key in applied.touched:
+            agg = windows.get(key)  # type: ignore[call-overload]  # a plain tuple finds its WindowKey
+            if agg is None:
+                continue  # touched by a message that was isolated afterwards
+            metric, size_s, start_ms = key
+            result.windows.append(
+                (device, metric, size_s, start_ms, start_ms + size_s * 1000, agg[COUNT],
+                 agg[SUM], agg[MIN], agg[MAX], agg[LAST], agg[LAST_MS], agg[OFFSET])
+            )  # fmt: skip
+        for metric in applied.latest_touched:
+            last = latest.get(metric)
+            if last is not None:
+                value, event_ms, offset = last
+                result.latest.append((device, metric, value, event_ms, offset))
+        result.late, result.duplicates = applied.late, applied.duplicates
+
+
+def _add_rows(rows: list[RawRow], message: SourceMessage, ingest: int) -> None:
+    """One ClickHouse row per reading and metric of ``message``."""
+    add = rows.append
+    partition, offset = message.partition, message.offset
+    for reading in message.readings:
+        device, factory, line, location = reading.device_id, reading.factory, reading.line, reading.location
+        event_ms, index = reading.event_ms, reading.index
+        event_s = event_ms // 1000
+        for metric, value in reading.metrics.items():
+            add((device, factory, line, location, metric, value, event_s, event_ms, ingest, partition, offset, index))
+
+
+def _token(valid: list[SourceMessage]) -> str:
+    """topic/partition:first-last offsets of the batch's stored messages (insert deduplication)."""
+    spans: dict[tuple[str, int], list[int]] = {}
+    for message in valid:
+        span = spans.get((message.topic, message.partition))
+        if span is None:
+            spans[(message.topic, message.partition)] = [message.offset, message.offset]
+        else:
+            span[1] = message.offset
+    return ",".join(f"{topic}/{part}:{first}-{last}" for (topic, part), (first, last) in sorted(spans.items()))
+
+
+def _internal_error(exc: BaseException, during: str) -> Rejection:
+    detail = f"{type(exc).__name__} while {during}: {exc}"
+    return Rejection(RejectReason.INTERNAL_ERROR, detail[:INTERNAL_ERROR_DETAIL])
+
+
+def _isolated_again(message: SourceMessage) -> Rejection:
+    return Rejection(RejectReason.INTERNAL_ERROR, f"offset {message.offset} was isolated to the DLQ before (replayed)")

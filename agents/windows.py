@@ -9,8 +9,12 @@ at-least-once tables may have written the changelog before the offsets were comm
 A reading is *late* for a window size when its window ended more than ``grace`` before the
 device's watermark (newest event time applied). Late readings are not applied to that window
 size and are counted; they still reach ClickHouse. Closed windows older than
-``retention_windows`` windows behind the watermark are evicted from the state (they were
-upserted to ScyllaDB when last changed).
+``retention_windows`` windows behind the watermark are evicted from the state, but only once
+the write that carried their last change has finished (``written_through``): a window must
+never leave the state before ScyllaDB has it, or a crash before that write loses it (the
+replay finds nothing to upsert). Latest values and duplicate-detection times of metrics a
+device stopped sending are evicted behind the same horizon, so a device that changes its
+metrics does not grow its state for ever.
 """
 
 from __future__ import annotations
@@ -52,14 +56,19 @@ class DeviceState:
     windows: dict[WindowKey, list[Any]] = field(default_factory=dict)
     latest: dict[str, list[Any]] = field(default_factory=dict)  # metric -> [value, event_ms, offset]
     # Event times applied within the dedup horizon, sorted, per metric: a reading re-sent under
-    # a new offset (a device or bridge retry) is recognised and not counted twice.
+    # a new offset (a device or bridge retry) is recognised and not counted twice. Never empty.
     recent: dict[str, list[int]] = field(default_factory=dict)
+    # Offsets of this device's messages that were dead-lettered while being applied (an
+    # internal error, a state too large), newest last: a replay rejects them again instead of
+    # storing what the first run dead-lettered.
+    isolated: list[int] = field(default_factory=list)
 
     def dumps(self) -> bytes:
-        return orjson.dumps(
-            {"o": self.offset, "w": self.watermark_ms, "a": {k.encode(): v for k, v in self.windows.items()},
-             "l": self.latest, "q": _pack_recent(self.recent)}
-        )  # fmt: skip
+        doc = {"o": self.offset, "w": self.watermark_ms, "a": {k.encode(): v for k, v in self.windows.items()},
+               "l": self.latest, "q": _pack_recent(self.recent)}  # fmt: skip
+        if self.isolated:
+            doc["x"] = self.isolated
+        return orjson.dumps(doc)
 
     @staticmethod
     def loads(raw: bytes | None) -> DeviceState:
@@ -68,7 +77,9 @@ class DeviceState:
         doc = orjson.loads(raw)
         windows = {WindowKey.decode(k): v for k, v in doc["a"].items()}
         recent = _unpack_recent(doc["q"]) if "q" in doc else doc.get("r", {})  # "r": before 2026-12
-        return DeviceState(doc["o"], doc["w"], windows, doc["l"], recent)
+        # States written before 2026-12 could hold an emptied list (the bug that raised IndexError).
+        recent = {metric: times for metric, times in recent.items() if times}
+        return DeviceState(doc["o"], doc["w"], windows, doc["l"], recent, doc.get("x", []))
 
 
 def _pack_recent(recent: dict[str, list[int]]) -> list[list[Any]]:
@@ -105,12 +116,27 @@ class ApplyResult:
     duplicates: int = 0  # (metric, event time) pairs already applied under another offset
 
 
+ISOLATED_KEPT = 32  # offsets of dead-lettered messages a device state remembers
+
+
 class WindowPolicy:
     def __init__(self, sizes_s: list[int], grace_s: float, retention_windows: int, dedup_s: float = 0) -> None:
         self.sizes_s = sorted(sizes_s)
         self.grace_ms = int(grace_s * 1000)
         self.retention_windows = retention_windows
         self.dedup_ms = int(dedup_s * 1000)
+        # A reading this far behind the watermark is late for every window size, and every
+        # window it could belong to has been evicted: latest values older than this go too.
+        self.horizon_ms = max(self.sizes_s) * 1000 * (1 + retention_windows) + self.grace_ms
+
+    @staticmethod
+    def isolate(state: DeviceState, offset: int) -> None:
+        """Remember that the message at ``offset`` was dead-lettered instead of applied."""
+        if offset not in state.isolated:
+            state.isolated.append(offset)
+            del state.isolated[:-ISOLATED_KEPT]
+        if offset > state.offset:
+            state.offset = offset
 
     def apply(self, state: DeviceState, readings: list[Reading], offset: int, result: ApplyResult) -> None:
         """Apply one message's readings at ``offset``; record what it touched in ``result``."""
@@ -148,7 +174,7 @@ class WindowPolicy:
                             continue
                 for metric in values:
                     times = recent.get(metric)
-                    if times is None:
+                    if not times:
                         recent[metric] = [event_ms]
                     elif event_ms >= times[-1]:
                         times.append(event_ms)
@@ -184,11 +210,15 @@ class WindowPolicy:
                     if event_ms >= agg[LAST_MS]:
                         agg[LAST], agg[LAST_MS] = value, event_ms
                     agg[OFFSET] = offset
-            for metric, value in values.items():
-                last = latest.get(metric)
-                if last is None or event_ms >= last[1]:
-                    latest[metric] = [value, event_ms, offset]
-                    result.latest_touched.add(metric)
+            # A reading behind the horizon never becomes the latest value, whether or not an
+            # older entry is still in the state (eviction waits for writes, so that would make
+            # the result depend on batch boundaries).
+            if event_ms > watermark - self.horizon_ms:
+                for metric, value in values.items():
+                    last = latest.get(metric)
+                    if last is None or event_ms >= last[1]:
+                        latest[metric] = [value, event_ms, offset]
+                        result.latest_touched.add(metric)
             if event_ms > watermark:
                 watermark = event_ms
         state.watermark_ms = watermark
@@ -252,20 +282,30 @@ class WindowPolicy:
         state.watermark_ms, state.offset = newest, offset
         return True
 
-    def evict(self, state: DeviceState) -> int:
-        """Drop closed windows far behind the watermark; returns how many."""
+    def evict(self, state: DeviceState, written_through: int) -> int:
+        """Drop closed windows far behind the watermark whose last change is written (its
+        offset at or below ``written_through``), latest values behind the horizon, and
+        duplicate-detection times behind the dedup horizon; returns how many windows went."""
         watermark, grace_ms = state.watermark_ms, self.grace_ms
         stale = [
             key
-            for key in state.windows
+            for key, agg in state.windows.items()
             if key.start_ms + key.size_s * 1000 * (1 + self.retention_windows) + grace_ms <= watermark
+            and agg[OFFSET] <= written_through
         ]
         for key in stale:
             del state.windows[key]
         horizon = watermark - self.dedup_ms
-        for times in state.recent.values():
-            if times[0] <= horizon:
-                del times[: bisect_right(times, horizon)]
+        recent = state.recent
+        for metric in [m for m, times in recent.items() if times[0] <= horizon]:
+            times = recent[metric]
+            del times[: bisect_right(times, horizon)]
+            if not times:
+                del recent[metric]  # a metric the device stopped sending
+        old = watermark - self.horizon_ms
+        latest = state.latest
+        for metric in [m for m, last in latest.items() if last[1] <= old and last[2] <= written_through]:
+            del latest[metric]
         return len(stale)
 
 

@@ -104,7 +104,7 @@ def _messages(options: BenchOptions, *, batched: bool, count: int, seed: int) ->
         devices=options.devices, seed=seed, malformed_ratio=0.0, late_ratio=0.0, out_of_order_ratio=0.0,
         batch_size=options.batch_size if batched else 1, formats=("batched",) if batched else ("nested",),
     )  # fmt: skip
-    return list(simulator.messages(count))
+    return [(item[0], item[1]) for item in simulator.messages(count)]  # tidy: no record timestamps
 
 
 async def _create_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None:
@@ -153,9 +153,15 @@ async def _consume_ceiling(bootstrap: str, topic: str, total: int, limit_s: floa
         await consumer.stop()
 
 
-class _MemoryStore(dict[bytes, bytes]):
+class _MemoryStore:
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+
+    def get(self, device_key: bytes, source: object) -> bytes | None:
+        return self.data.get(device_key)
+
     def put(self, device_key: bytes, value: bytes, source: object) -> None:
-        self[device_key] = value
+        self.data[device_key] = value
 
 
 class _NullSink:

@@ -56,12 +56,21 @@ def create_app(settings: Settings) -> faust.App:
         broker_request_timeout=kafka.request_timeout_s,
         broker_heartbeat_interval=min(3.0, kafka.session_timeout_s / 3),
         producer_max_batch_size=kafka.producer_max_batch_size,
+        # A rejected message keeps its original bytes in the DLQ up to the decoder's limit (a
+        # larger one, or one the broker refuses, goes truncated: sinks/dead_letters.py).
+        producer_max_request_size=max(1_000_000, settings.limits.max_message_bytes + 64 * 1024),
         # faust sends at once by default: each batch's ~one changelog record per device then
         # goes out a request at a time, and its producer buffer (100 records) holds up the
         # conductor until they have. A few ms of linger fill requests (bench: 1.5x the rate).
         producer_linger=kafka.producer_linger_ms / 1000,
+        # faust listens on web_bind; web_host is only the address it advertises.
+        web_bind=settings.web_host,
         web_host=settings.web_host,
         web_port=settings.web_port,
+        # faust's /router and /table pages would serve table contents (device state) to anyone
+        # who can reach the port: off. The worker's own pages are in agents/ingest.py.
+        web_router_enabled=False,
+        web_tables_enabled=False,
         table_cleanup_interval=30.0,
         # Read ahead while a batch is written: with faust's default (4096, below one batch)
         # the fetcher pauses during every write and the worker then idles waiting for data.

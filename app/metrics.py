@@ -15,6 +15,12 @@ MESSAGES = Counter("millstream_messages_total", "Source messages handled, by out
 READINGS = Counter("millstream_readings_total", "Readings decoded from valid messages")
 # Messages rejected at the decode boundary, by reason code.
 REJECTS = Counter("millstream_rejects_total", "Messages rejected to the DLQ, by reason", ["reason"])
+# Non-numeric fields beside the metrics of flat messages (strings, flags, objects): not stored.
+IGNORED_FIELDS = Counter("millstream_ignored_fields_total", "Non-numeric fields of flat messages, not stored")
+# Messages isolated while being applied (internal_error: millstream raised on them; state_too_large).
+ISOLATED = Counter(
+    "millstream_isolated_messages_total", "Messages dead-lettered because applying them failed", ["reason"]
+)
 # Messages written to the dead-letter topic.
 DLQ_MESSAGES = Counter("millstream_dlq_messages_total", "Messages produced to the dead-letter topic")
 # Readings too late for a window size (window end + grace before the device watermark).

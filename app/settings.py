@@ -240,6 +240,14 @@ class LimitSettings(_Group):
     max_readings_per_message: int = Field(1000, ge=1, description="Larger batches are rejected.")
     max_device_id_length: int = Field(128, ge=1, le=4096, description="Longer device ids are rejected.")
     max_future_skew_s: float = Field(300.0, ge=0, description="Readings further in the future are rejected.")
+    max_metrics_per_reading: int = Field(
+        500, ge=1, le=100_000, description="Readings with more metrics are rejected (too_many_metrics)."
+    )
+    max_state_bytes: int = Field(
+        512 * 1024, ge=4096, le=64 * 1024 * 1024,
+        description="A message that would grow its device's window state past this is rejected (state_too_large); "
+        "keep it below the changelog topic's max.message.bytes.",
+    )  # fmt: skip
     dlq_max_consecutive: int = Field(
         10_000, ge=1, description="This many rejects in a row crash the worker (bad upstream deploy)."
     )
@@ -293,7 +301,11 @@ class Settings(BaseSettings):
     rocksdb_block_cache_mb: int = Field(
         64, ge=8, le=65_536, description="RocksDB block cache per table partition, MiB."
     )
-    web_host: str = Field("0.0.0.0", description="Address of /metrics, /healthz, /readyz.")
+    web_host: str = Field(
+        "0.0.0.0",
+        description="Address the web server (/metrics, /healthz, /readyz, /aggregates) listens on: 0.0.0.0 every "
+        "interface (pods), 127.0.0.1 this machine only.",
+    )
     web_port: int = Field(6066, ge=1, le=65535, description="Port of /metrics, /healthz, /readyz.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
@@ -356,7 +368,7 @@ def settings_doc() -> list[tuple[str, str, str]]:
 
 
 def settings_markdown() -> str:
-    """The README's settings table, generated so it cannot drift from the model."""
+    """The settings table of docs/settings.md, generated so it cannot drift from the model."""
     lines = ["| variable | default | meaning |", "|---|---|---|"]
     lines += [f"| `{env}` | `{default}` | {text} |" for env, default, text in settings_doc()]
     return "\n".join(lines) + "\n"

@@ -9,6 +9,11 @@ so the batch, rebuilt identically on retry, is not stored twice at all on replic
 
 The DDL is valid on ClickHouse 18.16 (the test server) and on current releases (checked
 through chdb): no LowCardinality, DateTime64, CODEC or TTL.
+
+An insert touches at most :data:`MAX_PARTITIONS_PER_INSERT` monthly partitions: current
+servers refuse more by default (``max_partitions_per_insert_block``, TOO_MANY_PARTS), and a
+batch of readings from devices with broken clocks can span more months than that; refused,
+it would be retried, crash the worker and be replayed by the next one.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -54,6 +60,32 @@ CREATE TABLE IF NOT EXISTS {database}.{table} (
 PARTITION BY toYYYYMM(event_time)
 ORDER BY (device_id, metric, event_time, event_ms)
 """
+
+MAX_PARTITIONS_PER_INSERT = 100  # current servers' default max_partitions_per_insert_block
+_EVENT_TIME = itemgetter(6)
+_SHORTEST_MONTH_S = 28 * 86_400
+
+
+def inserts(rows: list[RawRow], max_rows: int) -> Iterator[list[RawRow]]:
+    """The rows in inserts of at most ``max_rows`` rows and MAX_PARTITIONS_PER_INSERT months,
+    the same ones every time for the same rows (deduplication tokens name them)."""
+    if not rows:
+        return
+    low, high = _EVENT_TIME(min(rows, key=_EVENT_TIME)), _EVENT_TIME(max(rows, key=_EVENT_TIME))
+    if high - low < (MAX_PARTITIONS_PER_INSERT - 2) * _SHORTEST_MONTH_S:  # cannot span more months
+        for first in range(0, len(rows), max_rows):
+            yield rows[first : first + max_rows]
+        return
+    by_month: dict[tuple[int, int], list[RawRow]] = {}
+    for row in rows:
+        month = time.gmtime(row[6])[:2]
+        by_month.setdefault(month, []).append(row)
+    ordered = sorted(by_month)
+    for start in range(0, len(ordered), MAX_PARTITIONS_PER_INSERT):
+        chunk = [row for month in ordered[start : start + MAX_PARTITIONS_PER_INSERT] for row in by_month[month]]
+        for first in range(0, len(chunk), max_rows):
+            yield chunk[first : first + max_rows]
+
 
 # ---- error classification (ClickHouse server error codes, src/Common/ErrorCodes.cpp)
 RETRIABLE_CODES = {
@@ -167,14 +199,13 @@ class ClickHouseRawWriter:
         if not batch.rows:
             return
         started = time.perf_counter()
-        settings = {"insert_deduplication_token": batch.token} if self._supports_token and batch.token else None
-        limit = self.settings.batch_rows
-        for first in range(0, len(batch.rows), limit):
-            chunk = batch.rows[first : first + limit]
-            chunk_settings = settings
-            if settings and len(batch.rows) > limit:
-                chunk_settings = {"insert_deduplication_token": f"{batch.token}#{first}"}
-            await self._execute(self._insert, chunk, chunk_settings)
+        chunks = list(inserts(batch.rows, self.settings.batch_rows))
+        for number, chunk in enumerate(chunks):
+            settings = None
+            if self._supports_token and batch.token:
+                token = batch.token if len(chunks) == 1 else f"{batch.token}#{number}"
+                settings = {"insert_deduplication_token": token}
+            await self._execute(self._insert, chunk, settings)
             metrics.SINK_BATCH_ROWS.labels(sink=self.name).observe(len(chunk))
         metrics.SINK_WRITE_SECONDS.labels(sink=self.name).observe(time.perf_counter() - started)
         metrics.SINK_LAST_SUCCESS.labels(sink=self.name).set(time.time())
@@ -218,9 +249,7 @@ class EmbeddedRawWriter:
         if not batch.rows:
             return
         started = time.perf_counter()
-        limit = self.settings.batch_rows
-        for first in range(0, len(batch.rows), limit):
-            chunk = batch.rows[first : first + limit]
+        for chunk in inserts(batch.rows, self.settings.batch_rows):
             # All rows in one orjson call (C; finite floats only: the decoder rejected NaN and
             # infinities), without the outer brackets: JSONCompactEachRow reads rows separated
             # by commas. Five times faster than encoding row by row.

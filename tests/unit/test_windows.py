@@ -73,7 +73,7 @@ def test_late_readings_are_counted_not_applied() -> None:
 def test_eviction_keeps_recent_windows() -> None:
     state = DeviceState()
     apply_all(state, [(i, reading(T0 + i * 60_000, t=1.0)) for i in range(10)])
-    evicted = policy.evict(state)
+    evicted = policy.evict(state, written_through=9)
     minutes = sorted(k.start_ms for k in state.windows if k.size_s == 60)
     # Watermark T0+9 min: minute 9 is open, minute 8 is in its grace period, and the two
     # closed windows before them (retention_windows=2) stay; minutes 0-5 go.
@@ -136,7 +136,7 @@ def test_dedup_survives_the_changelog_and_forgets_beyond_its_horizon() -> None:
     dedup_policy.apply(state, reading(T0 + 1000, t=1.0), 1, result)
     assert result.duplicates == 1 and state.windows[WindowKey("t", 3600, T0 - T0 % 3_600_000)][COUNT] == 1
     dedup_policy.apply(state, reading(T0 + 400_000, t=2.0), 2, result)
-    dedup_policy.evict(state)
+    dedup_policy.evict(state, written_through=2)
     assert state.recent["t"] == [T0 + 400_000]  # 1 s is more than 300 s behind: forgotten
     dedup_policy.apply(state, reading(T0 + 1000, t=1.0), 3, result)  # documented: counted again
     assert state.windows[WindowKey("t", 3600, T0 - T0 % 3_600_000)][COUNT] == 3
@@ -209,3 +209,55 @@ def test_in_order_batches_agree_with_reading_by_reading(
     _same(fast, slow)
     assert results[0].touched == results[1].touched and results[0].latest_touched == results[1].latest_touched
     assert results[0].late == results[1].late and results[0].duplicates == results[1].duplicates
+
+
+def test_a_metric_the_device_stops_sending_does_not_break_its_state() -> None:
+    """Regression: eviction emptied the dropped metric's duplicate-detection list, and the next
+    eviction (every later batch of the device, and every replay) raised IndexError."""
+    state = DeviceState()
+    dedup_policy.apply(state, reading(T0, t=1.0, h=2.0), 0, ApplyResult())
+    for offset in range(1, 9):  # h unplugged, t goes on: 8 minutes > dedup_s (300 s)
+        dedup_policy.apply(state, reading(T0 + offset * 60_000, t=1.0), offset, ApplyResult())
+        dedup_policy.evict(state, written_through=offset)
+    assert "h" not in state.recent and state.recent["t"]
+    state = DeviceState.loads(state.dumps())
+    dedup_policy.apply(state, reading(T0 + 9 * 60_000, t=1.0, h=3.0), 9, ApplyResult())  # h is back
+    dedup_policy.evict(state, written_through=9)
+    assert state.windows[WindowKey("h", 60, T0 + 9 * 60_000)][COUNT] == 1
+
+
+def test_a_state_stored_with_an_emptied_list_still_loads_and_applies() -> None:
+    """States written by the release with the IndexError can hold an empty list."""
+    stored = orjson.dumps({"o": 4, "w": T0, "a": {}, "l": {}, "q": [[["h"], []], [["t"], [T0]]]})
+    state = DeviceState.loads(stored)
+    assert state.recent == {"t": [T0]}
+    dedup_policy.apply(state, reading(T0 + 1000, h=1.0, t=2.0), 5, ApplyResult())
+    dedup_policy.evict(state, written_through=5)
+    assert state.recent == {"h": [T0 + 1000], "t": [T0, T0 + 1000]}
+
+
+def test_a_window_leaves_the_state_only_once_its_last_change_is_written() -> None:
+    """Regression: a window changed by a batch whose writes were still in flight could be
+    evicted by the next batch; after a crash the replay found nothing to upsert."""
+    state = DeviceState()
+    apply_all(state, [(5, reading(T0, t=1.0)), (6, reading(T0 + 30 * 60_000, t=2.0))])
+    minute = WindowKey("t", 60, T0)
+    policy.evict(state, written_through=4)  # offset 5's write is in flight
+    assert minute in state.windows
+    policy.evict(state, written_through=5)
+    assert minute not in state.windows
+
+
+def test_latest_values_of_a_dropped_metric_are_evicted_behind_the_horizon() -> None:
+    state = DeviceState()
+    apply_all(state, [(0, reading(T0, h=1.0, t=1.0))])
+    beyond = policy.horizon_ms + 60_000
+    apply_all(state, [(1, reading(T0 + beyond, t=2.0))])
+    policy.evict(state, written_through=-1)
+    assert "h" in state.latest  # its last value's write is not confirmed yet
+    policy.evict(state, written_through=1)
+    assert set(state.latest) == {"t"}
+    result = apply_all(state, [(2, reading(T0 + 1000, h=5.0))])  # older than what was evicted could be
+    assert "h" not in state.latest and not result.latest_touched
+    result = apply_all(state, [(3, reading(T0 + beyond - 1000, h=6.0))])  # inside the horizon: newer
+    assert state.latest["h"] == [6.0, T0 + beyond - 1000, 3] and result.latest_touched == {"h"}
