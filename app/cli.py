@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--late", type=float, default=0.01, help="share of late messages (default 0.01)")
     simulate.add_argument("--out-of-order", type=float, default=0.02, help="share sent out of order (default 0.02)")
     simulate.add_argument("--batch-size", type=int, default=5, help="readings per batched message (default 5)")
+    simulate.add_argument(
+        "--profile", choices=("tidy", "unruly"), default="tidy",
+        help="tidy: fixed metric sets, one reading a second; unruly: metric sets that change, devices silent "
+        "for hours, broken clocks, re-sends, messages at and over MILLSTREAM_LIMITS__MAX_MESSAGE_BYTES, "
+        "hours of event time (default tidy)",
+    )  # fmt: skip
     simulate.add_argument("--create-topic", action="store_true", help="create the topic if it does not exist")
     simulate.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     settings = sub.add_parser("settings", help="validate and print the effective settings (secrets masked)")
@@ -92,7 +98,7 @@ def _settings_command(args: argparse.Namespace) -> int:
 def _simulate_command(args: argparse.Namespace) -> int:
     import asyncio
 
-    from app.simulator import Simulator, publish
+    from app.simulator import Simulator, UnrulySimulator, publish
 
     for name in ("messages", "devices", "batch_size"):
         if getattr(args, name) < 1:
@@ -104,10 +110,15 @@ def _simulate_command(args: argparse.Namespace) -> int:
         settings = load_settings()
     except SettingsError as exc:
         return _fail(f"invalid setting {exc}")
-    simulator = Simulator(
-        devices=args.devices, seed=args.seed, malformed_ratio=args.malformed, late_ratio=args.late,
-        out_of_order_ratio=args.out_of_order, batch_size=args.batch_size,
-    )  # fmt: skip
+    options = {
+        "devices": args.devices, "seed": args.seed, "malformed_ratio": args.malformed, "late_ratio": args.late,
+        "out_of_order_ratio": args.out_of_order, "batch_size": args.batch_size,
+    }  # fmt: skip
+    simulator: Simulator = (
+        UnrulySimulator(**options, max_message_bytes=settings.limits.max_message_bytes)
+        if args.profile == "unruly"
+        else Simulator(**options)
+    )
 
     def progress(line: str) -> None:
         print(f"millstream simulate: {line}", file=sys.stderr, flush=True)
@@ -132,6 +143,7 @@ def _simulate_command(args: argparse.Namespace) -> int:
         "valid_readings": log.valid_readings,
         "late_readings": sum(1 for r in log.readings if r.late),
         "expected_rows": log.expected_rows,
+        "bad_input": log.malformed_kinds,
     }
     print(
         f"sent {sent} messages to {summary['topic']}: {log.valid_messages} valid with {log.valid_readings} readings "

@@ -94,7 +94,7 @@ class LocalWorker:
             "KAFKA__REQUEST_TIMEOUT_S": "30",
             "CLICKHOUSE__URL": clickhouse_url,
             "SCYLLA__ENABLED": "false",
-            "STORE": "memory",
+            "STORE": "rocksdb",  # what production runs (deploy/base/configmap.yaml)
             "DATA_DIR": str(workdir / name),
             "WEB_HOST": "127.0.0.1",
             "WEB_PORT": str(self.web_port),

@@ -2,6 +2,9 @@
 
 Each message is (key, value, kind). Every one must end in the DLQ with a reason; a generator
 that produced a valid message by accident would show as a DLQ count short of what was sent.
+Sizes are against the production limit (1 MiB): the kinds of a megabyte or more (over the
+limit, or under it but over faust's default producer request size) come in the first
+:data:`BIG_ROUNDS` rounds only, to keep a run's volume sane.
 """
 
 from __future__ import annotations
@@ -12,19 +15,21 @@ from collections.abc import Iterator
 import orjson
 
 DEVICE = b"sensor-0001"
+LIMIT = 1_048_576  # MILLSTREAM_LIMITS__MAX_MESSAGE_BYTES, default
+BIG_ROUNDS = 3
 
 
 def _valid_doc(rng: random.Random, device: str) -> dict[str, object]:
     return {"device_id": device, "ts": 1_763_000_000_000 - rng.randrange(10**6), "metrics": {"temperature": 21.5}}
 
 
-def _kinds(rng: random.Random) -> list[tuple[str, bytes | None, bytes]]:
+def _kinds(rng: random.Random, big: bool) -> list[tuple[str, bytes | None, bytes]]:
     device = f"sensor-{rng.randrange(200):04d}"
     key = device.encode()
     good = orjson.dumps(_valid_doc(rng, device))
     cut = rng.randrange(1, len(good) - 1)
     huge = "x" * rng.randrange(200_000, 300_000)
-    return [
+    kinds = [
         ("truncated", key, good[:cut]),
         ("garbage", key, rng.randbytes(rng.randrange(1, 300))),
         ("empty", key, b""),
@@ -64,20 +69,28 @@ def _kinds(rng: random.Random) -> list[tuple[str, bytes | None, bytes]]:
             key,
             orjson.dumps({"device_id": device, "readings": [{"metrics": {"t": 1.0}}] * rng.randrange(1001, 1500)}),
         ),
-        ("too_large", key, orjson.dumps({"device_id": device, "metrics": {"t": 1.0}, "note": huge})),
         ("key_mismatch", b"sensor-9999", orjson.dumps(_valid_doc(rng, device))),
     ]
+    if big:
+        over = "x" * (LIMIT + rng.randrange(1, 64 * 1024))
+        near = "x" * rng.randrange(1_000_000, LIMIT - 1000)  # bad, and above faust's 1,000,000-byte request
+        kinds += [
+            ("too_large", key, orjson.dumps({"device_id": device, "metrics": {"t": 1.0}, "note": over})),
+            ("near_limit_bad_value", key, orjson.dumps({"device_id": device, "metrics": {"t": "x"}, "note": near})),
+        ]
+    return kinds
 
 
-KINDS = [kind for kind, _key, _value in _kinds(random.Random(0))]
+KINDS = [kind for kind, _key, _value in _kinds(random.Random(0), big=True)]
 
 
 def poison(count: int, seed: int) -> Iterator[tuple[bytes | None, bytes, str]]:
     """``count`` bad messages, cycling through every kind with fresh random content."""
     rng = random.Random(seed)
-    made = 0
+    made = rounds = 0
     while made < count:
-        for kind, key, value in _kinds(rng):
+        rounds += 1
+        for kind, key, value in _kinds(rng, big=rounds <= BIG_ROUNDS):
             if made == count:
                 return
             yield key, value, kind

@@ -9,10 +9,11 @@ from typing import Any
 
 DEFAULT_PATH = Path(".chaos") / "report.json"
 COLUMNS = (
-    ("scenario", "scenario"), ("readings", "readings_produced"), ("valid", "valid_readings"),
+    ("scenario", "scenario"), ("store", "store"), ("readings", "readings_produced"), ("valid", "valid_readings"),
     ("DLQ'd", "dlq_origins"), ("rows FINAL", "rows_final"), ("dup before FINAL", "duplicates_before_final"),
     ("dup after FINAL", "duplicates_after_final"), ("aggs checked", "aggregates_checked"),
-    ("aggs wrong", "aggregates_wrong"), ("lost", "lost"), ("recovery s", "recovery_s"), ("ok", "ok"),
+    ("aggs wrong", "aggregates_wrong"), ("latest wrong", "latest_wrong"), ("lost", "lost"),
+    ("restarts", "worker_restarts"), ("recovery s", "recovery_s"), ("ok", "ok"),
 )  # fmt: skip
 
 

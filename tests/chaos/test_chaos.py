@@ -68,7 +68,9 @@ def test_crash_loop_ten_kill9_under_load(world: World, record: Record) -> None:
     rng = random.Random(21)
     worker = world.start_worker()
     worker.wait_ready()
-    producer = produce_in_background(world, traffic, rate=100)
+    # 140 s of traffic: ten restarts take about 100 s (each waits for the group to expel the
+    # killed member), and the last kill must still land while data flows.
+    producer = produce_in_background(world, traffic, rate=65)
     wait_for_rows(world)  # the first batch of a new group takes a second or two; kill after it
     rows_at_kill = []
     for kill in range(10):
@@ -209,7 +211,7 @@ def test_poison_input_ten_thousand_bad_messages(world: World, record: Record) ->
         mixed.append((key, value))
         position = max(position, slot)
     mixed.extend(traffic[position:])
-    worker = world.start_worker(MILLSTREAM_LIMITS__MAX_MESSAGE_BYTES="65536")
+    worker = world.start_worker()  # production limits: rejects near 1 MiB must reach the DLQ too
     worker.wait_ready()
     fault_start = time.monotonic()
     sent = asyncio.run(produce(world.broker.bootstrap, world.topic, mixed))
@@ -233,3 +235,49 @@ def test_duplicated_input_resent_slice(world: World, record: Record) -> None:
         recognised = metric_value(response.read().decode(), "millstream_duplicate_readings_total")
     result.details["duplicate_readings_recognised"] = recognised
     assert recognised > 0  # the windows saw the re-sends and skipped them, not just luck
+
+
+def test_worker_returns_with_its_old_local_state(world: World, record: Record) -> None:
+    """The StatefulSet pod that comes back after its partitions moved on elsewhere: it recovers
+    from its own RocksDB (as it was when it left, possibly ahead of the changelog after a
+    kill -9) plus the changelog tail the other worker wrote meanwhile."""
+    traffic, log = simulate(8000, seed=29)
+    first, second = world.start_worker(), world.start_worker()
+    first.wait_ready()
+    second.wait_ready()
+    producer = produce_in_background(world, traffic, rate=110)
+    wait_for_rows(world)
+    time.sleep(6)
+    first.kill9()  # gone without a word; the second takes its partitions after the session timeout
+    time.sleep(22)
+    kept = sorted(p.name for p in first.datadir.rglob("*.sst")) + sorted(p.name for p in first.datadir.rglob("CURRENT"))
+    first.start()  # back with the data directory it had
+    first.wait_ready()
+    time.sleep(10)
+    graceful = second.stop(60)  # and the other way round, leaving cleanly this time
+    time.sleep(15)
+    second.start()
+    second.wait_ready()
+    fault_end = time.monotonic()
+    producer.join(120)
+    finish(world, record, "worker returns with its old local state (x2)", log, len(traffic), fault_end,
+           local_state_files_kept=len(kept), graceful_exit_code=graceful)  # fmt: skip
+    assert kept, "the returning worker must find its RocksDB state in its data directory"
+
+
+def test_unruly_factory_traffic(world: World, record: Record) -> None:
+    """Devices as real factories have them (app/simulator.py UnrulySimulator): metric sets that
+    change, devices silent for hours, broken clocks, re-sends, messages at and over the size
+    limits, hours of event time. No worker may restart, nothing may be lost, every aggregate
+    must equal the independent recomputation."""
+    traffic, log = simulate(9000, seed=30, devices=150, profile="unruly")
+    first, second = world.start_worker(), world.start_worker()
+    first.wait_ready()
+    second.wait_ready()
+    fault_start = time.monotonic()
+    sent = asyncio.run(produce(world.broker.bootstrap, world.topic, traffic, rate=300))
+    result = finish(world, record, "unruly factory: clocks, silence, metric churn, size limits, re-sends", log,
+                    sent, fault_start)  # fmt: skip
+    reasons = result.details["dlq_reasons"]
+    assert isinstance(reasons, dict) and {"bad_timestamp", "future_timestamp", "too_large"} <= set(reasons)
+    assert result.details.get("dlq_truncated") == 1  # twice the limit: its DLQ copy is truncated

@@ -66,7 +66,7 @@ def test_not_ready_while_tables_recover_then_ready(world: World) -> None:
     asyncio.run(produce(world.broker.bootstrap, world.topic, traffic))
     wait_until_complete(world, log, len(traffic))
     first.stop()
-    # A new worker with an empty store (memory) rebuilds every device's state from the changelog.
+    # A new worker with an empty data directory rebuilds every device's state from the changelog.
     second = world.start_worker()
     seen: list[tuple[int, dict[str, object]]] = []
     deadline = time.monotonic() + 120
@@ -85,3 +85,34 @@ def test_not_ready_while_tables_recover_then_ready(world: World) -> None:
     assert recovering, f"never saw recovery in progress; first answers: {seen[:3]}"
     aggregates = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{second.web_port}/aggregates").read())
     assert aggregates["devices"] == len({r.device_id for r in log.readings})  # the state came back in full
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a socket listening on ``port`` (Linux /proc/net/tcp, IPv4)."""
+    found = set()
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+            found.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
+def test_the_web_server_listens_where_its_setting_says_and_serves_no_table_contents(world: World) -> None:
+    """Regression: MILLSTREAM_WEB_HOST set only faust's advertised address (it listened on
+    0.0.0.0 whatever it said), and faust's /router and /table pages served table contents."""
+    traffic, log = simulate(600, seed=33, devices=40)
+    asyncio.run(produce(world.broker.bootstrap, world.topic, traffic))
+    worker = world.start_worker(MILLSTREAM_WEB_HOST="127.0.0.1")
+    wait_for(worker.web_port, "/readyz", 200)
+    assert listening_addresses(worker.web_port) == {"127.0.0.1"}
+    for path in ("/router/", "/table/", "/table/device-windows/"):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{worker.web_port}{path}", timeout=3)
+            raise AssertionError(f"{path} answered")
+        except urllib.error.HTTPError as error:
+            assert error.code == 404, path
+    wait_until_complete(world, log, len(traffic))
+    code, counts = probe(worker.web_port, "/aggregates")
+    assert code == 200 and counts["devices"] == len({r.device_id for r in log.readings})
+    assert isinstance(counts["window_aggregates"], int) and counts["window_aggregates"] > counts["devices"]

@@ -42,6 +42,25 @@ def test_two_workers_store_exactly_what_was_sent(world: World) -> None:
     assert_exact(world, log, sent)
 
 
+@pytest.mark.parametrize("store", ["rocksdb", "memory"])
+def test_a_backlog_in_full_batches_is_stored_exactly(world: World, store: str) -> None:
+    """A worker catching up on a backlog, as after any restart: batches fill to the default
+    5000 messages, mix all partitions, and meet the same devices again and again.
+
+    Regression: a full batch is handed over from the read loop, so its task inherited the
+    last event read, and the RocksDB state was read from *that* event's partition: most
+    devices' states were not found and their aggregates restarted from empty (the timer's
+    batches, and the memory store, were right). memory is the other supported store: its
+    state is rebuilt from the changelog at every start.
+    """
+    traffic, log = simulate(16000, seed=11)
+    sent = asyncio.run(produce(world.broker.bootstrap, world.topic, traffic))
+    worker = world.start_worker(MILLSTREAM_STORE=store)
+    worker.wait_ready()
+    wait_until_complete(world, log, sent)
+    assert_exact(world, log, sent)
+
+
 def test_kill9_mid_stream_then_restart(world: World) -> None:
     traffic, log = simulate(9000, seed=12)
     worker = world.start_worker()

@@ -17,14 +17,18 @@ from typing import Any
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
 from cassandra.policies import RoundRobinPolicy
 
-from app.simulator import SimulationLog, Simulator
-from tests.support.world import World, committed_total, expected_latest, expected_windows, produce, read_dlq
+from app.simulator import Outgoing, SimulationLog, Simulator, UnrulySimulator
+from tests.support.oracle import expected
+from tests.support.world import World, committed_total, produce, read_dlq
+
+MAX_RESTARTS = 5  # a scenario whose workers restart more often than this is crash-looping
 
 
 def simulate(
-    messages: int, seed: int, *, devices: int = 200, malformed: float = 0.02
-) -> tuple[list[tuple[bytes, bytes]], SimulationLog]:
-    sim = Simulator(devices=devices, seed=seed, malformed_ratio=malformed, late_ratio=0.01, out_of_order_ratio=0.03)
+    messages: int, seed: int, *, devices: int = 200, malformed: float = 0.02, profile: str = "tidy"
+) -> tuple[list[Outgoing], SimulationLog]:
+    kind = UnrulySimulator if profile == "unruly" else Simulator
+    sim = kind(devices=devices, seed=seed, malformed_ratio=malformed, late_ratio=0.01, out_of_order_ratio=0.03)
     traffic = list(sim.messages(messages)) + list(sim.flush())
     return traffic, sim.log
 
@@ -44,9 +48,9 @@ def wait_until_complete(world: World, log: SimulationLog, sent: int, timeout: fl
     deadline = started + timeout
     done = rows = -1
     while time.monotonic() < deadline:
-        for worker in world.workers:
-            if worker.expected_alive:
-                assert worker.proc is not None and worker.proc.poll() is None, f"worker died:\n{worker.tail()}"
+        if len(world.restarts) > MAX_RESTARTS:
+            index, code, tail = world.restarts[-1]
+            raise AssertionError(f"crash loop: {len(world.restarts)} restarts; worker {index} exited {code}:\n{tail}")
         done, rows = committed(world), stored_rows(world)
         if done >= sent and rows >= log.expected_rows:
             return time.monotonic() - started
@@ -54,7 +58,7 @@ def wait_until_complete(world: World, log: SimulationLog, sent: int, timeout: fl
     raise AssertionError(f"incomplete after {timeout}s: committed {done}/{sent}, rows {rows}/{log.expected_rows}")
 
 
-def produce_in_background(world: World, traffic: list[tuple[bytes, bytes]], rate: float) -> threading.Thread:
+def produce_in_background(world: World, traffic: list[Outgoing], rate: float) -> threading.Thread:
     thread = threading.Thread(
         target=lambda: asyncio.run(produce(world.broker.bootstrap, world.topic, traffic, rate=rate)), daemon=True
     )
@@ -67,6 +71,7 @@ class Audit:
     """One scenario's count; ``ok`` is the customer's rule: nothing lost, nothing twice."""
 
     scenario: str
+    store: str
     messages_sent: int
     readings_produced: int  # valid readings plus malformed messages
     valid_readings: int
@@ -85,6 +90,7 @@ class Audit:
     aggregates_wrong: int
     latest_checked: int
     latest_wrong: int
+    worker_restarts: int  # restarts the scenario did not cause (a worker exited on its own)
     recovery_s: float
     details: dict[str, Any] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
@@ -99,6 +105,7 @@ class Audit:
             and self.committed == self.messages_sent
             and self.dlq_origins == self.malformed_sent
             and self.dlq_without_reason == 0
+            and self.worker_restarts == 0
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -115,9 +122,10 @@ def audit(world: World, log: SimulationLog, sent: int, *, scenario: str, recover
         (dict(r.headers)["millstream.source.partition"], dict(r.headers)["millstream.source.offset"]) for r in records
     }
     reasons: dict[str, int] = {}
-    without_reason = 0
+    without_reason = truncated = 0
     for record in records:
         headers = dict(record.headers)
+        truncated += "millstream.truncated" in headers
         reason = headers.get("millstream.reason", b"").decode()
         if not reason or not headers.get("millstream.detail"):
             without_reason += 1
@@ -136,11 +144,11 @@ def audit(world: World, log: SimulationLog, sent: int, *, scenario: str, recover
         latest = {(r.device_id, r.metric): r for r in session.execute(f"SELECT * FROM {world.name}.latest_values")}
     finally:
         cluster.shutdown()
-    expected = expected_windows(log)
-    wrong = len(set(windows) ^ set(expected))
-    for key in set(windows) ^ set(expected):
-        examples.append(f"window {key}: {'missing' if key in expected else 'unexpected'}")
-    for key, (count, total, low, high, last, _last_ms) in expected.items():
+    want = expected(log.readings)
+    wrong = len(set(windows) ^ set(want.windows))
+    for key in set(windows) ^ set(want.windows):
+        examples.append(f"window {key}: {'missing' if key in want.windows else 'unexpected'}")
+    for key, (count, total, low, high, last, _last_ms) in want.windows.items():
         row = windows.get(key)
         if row is None:
             continue
@@ -149,11 +157,21 @@ def audit(world: World, log: SimulationLog, sent: int, *, scenario: str, recover
         ):
             wrong += 1
             examples.append(f"window {key}: stored {(row.count, row.sum)} expected {(count, total)}")
-    want_latest = expected_latest(log)
+    want_latest = want.latest
     got_latest = {k: (r.value, int(r.event_time.timestamp() * 1000)) for k, r in latest.items()}
     latest_wrong = sum(1 for k in set(want_latest) | set(got_latest) if want_latest.get(k) != got_latest.get(k))
+    for key in [k for k in set(want_latest) | set(got_latest) if want_latest.get(k) != got_latest.get(k)][:3]:
+        examples.append(f"latest {key}: stored {got_latest.get(key)} expected {want_latest.get(key)}")
+    details: dict[str, Any] = {"dlq_reasons": dict(sorted(reasons.items()))}
+    if truncated:
+        details["dlq_truncated"] = truncated
+    if log.malformed_kinds:
+        details["bad_input_sent"] = dict(sorted(log.malformed_kinds.items()))
+    if world.restarts:
+        details["restart_exit_codes"] = [code for _, code, _ in world.restarts]
     return Audit(
         scenario=scenario,
+        store=world.store,
         messages_sent=sent,
         readings_produced=log.valid_readings + malformed,
         valid_readings=log.valid_readings,
@@ -168,11 +186,12 @@ def audit(world: World, log: SimulationLog, sent: int, *, scenario: str, recover
         duplicates_before_final=max(0, raw - final),
         duplicates_after_final=max(0, final - log.expected_rows),
         lost=max(0, log.expected_rows - final),
-        aggregates_checked=len(expected),
+        aggregates_checked=len(want.windows),
         aggregates_wrong=wrong,
         latest_checked=len(want_latest),
         latest_wrong=latest_wrong,
+        worker_restarts=len(world.restarts),
         recovery_s=round(recovery_s, 1),
-        details={"dlq_reasons": dict(sorted(reasons.items()))},
+        details=details,
         examples=examples[:5],
     )

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -18,12 +19,11 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.simulator import SimulationLog, send_paced
+from app.simulator import send_paced
 from tests.support.cql_server import CqlServer
 from tests.support.servers import ClickHouseServer, TansuBroker, free_port
 
 PARTITIONS = 4
-WINDOW_SIZES = (60, 3600)
 
 
 @dataclass
@@ -36,6 +36,12 @@ class World:
     workdir: Path
     name: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:8]}")
     workers: list[WorkerProcess] = field(default_factory=list)
+    store: str = "rocksdb"  # what production runs (deploy/base/configmap.yaml); a test may say otherwise
+    # Restarts the supervisor made because a worker exited on its own (a crash, a crash loop),
+    # as Kubernetes would restart a pod: (worker, exit code, last log lines).
+    restarts: list[tuple[int, int | None, str]] = field(default_factory=list)
+    _supervisor: threading.Thread | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
     def topic(self) -> str:
@@ -51,6 +57,8 @@ class World:
 
     def env(self, **overrides: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MILLSTREAM_")}
+        # Production settings (the defaults and what deploy/ sets: RocksDB state, batch sizes,
+        # retry budget, ...) except where a line says why; memory state only where a test says.
         env.update(
             {
                 "MILLSTREAM_KAFKA__BOOTSTRAP_SERVERS": self.broker.bootstrap,
@@ -58,25 +66,27 @@ class World:
                 "MILLSTREAM_KAFKA__DLQ_TOPIC": self.dlq_topic,
                 "MILLSTREAM_KAFKA__CONSUMER_GROUP": f"{self.name}-group",
                 "MILLSTREAM_KAFKA__PARTITIONS": str(PARTITIONS),
-                "MILLSTREAM_KAFKA__REPLICATION_FACTOR": "1",
+                "MILLSTREAM_STORE": self.store,
+                "MILLSTREAM_KAFKA__REPLICATION_FACTOR": "1",  # one broker
                 # tansu answers ListOffsets wrongly for batched records; faust's changelog
-                # recovery needs it right (DESIGN.md §5).
+                # recovery needs it right (DESIGN.md §5). The batched producer runs in the bench.
                 "MILLSTREAM_KAFKA__PRODUCER_MAX_BATCH_SIZE": "1",
+                # tansu expels a kill -9'd member only after the session timeout: 30 s per kill
+                # would make the crash scenarios take an hour (request timeout must be >= it).
                 "MILLSTREAM_KAFKA__SESSION_TIMEOUT_S": "10",
                 "MILLSTREAM_KAFKA__REQUEST_TIMEOUT_S": "30",
                 "MILLSTREAM_CLICKHOUSE__URL": self.clickhouse.url(self.database),
-                "MILLSTREAM_CLICKHOUSE__FLUSH_INTERVAL_S": "0.5",
+                # Outage scenarios: notice a stopped server in seconds, not in the production 30 s.
                 "MILLSTREAM_CLICKHOUSE__QUERY_TIMEOUT_S": "10",
                 "MILLSTREAM_CLICKHOUSE__CONNECT_TIMEOUT_S": "3",
                 "MILLSTREAM_SCYLLA__CONTACT_POINTS": "127.0.0.1",
                 "MILLSTREAM_SCYLLA__PORT": str(self.cql.port),
                 "MILLSTREAM_SCYLLA__KEYSPACE": self.name,
-                "MILLSTREAM_SCYLLA__REPLICATION_CLASS": "SimpleStrategy",
+                "MILLSTREAM_SCYLLA__REPLICATION_CLASS": "SimpleStrategy",  # one node
                 "MILLSTREAM_SCYLLA__REPLICATION_FACTOR": "1",
                 "MILLSTREAM_SCYLLA__CONSISTENCY": "ONE",
-                "MILLSTREAM_SCYLLA__REQUEST_TIMEOUT_S": "3",
-                "MILLSTREAM_STORE": "memory",
-                "MILLSTREAM_PIPELINE__BATCH_MESSAGES": "2000",
+                "MILLSTREAM_SCYLLA__REQUEST_TIMEOUT_S": "3",  # the injected timeouts and drops, in seconds
+                # A scenario must end inside pytest's timeout even if a sink never comes back.
                 "MILLSTREAM_PIPELINE__RETRY_BUDGET_S": "120",
             }
         )
@@ -87,9 +97,25 @@ class World:
         worker = WorkerProcess(self, len(self.workers), overrides)
         self.workers.append(worker)
         worker.start()
+        if self._supervisor is None:
+            self._supervisor = threading.Thread(target=self._supervise, daemon=True, name="worker-supervisor")
+            self._supervisor.start()
         return worker
 
+    def _supervise(self) -> None:
+        """Restart a worker that exited although no test stopped it, and count it."""
+        while not self._stopping.wait(0.5):
+            for worker in list(self.workers):
+                with worker.lock:
+                    if not worker.expected_alive or worker.proc is None or worker.proc.poll() is None:
+                        continue
+                    self.restarts.append((worker.index, worker.proc.returncode, worker.tail(15)))
+                    worker.start()
+
     def stop_all(self) -> None:
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(5)
         for worker in self.workers:
             worker.stop()
 
@@ -107,8 +133,13 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.expected_alive = False  # False once a test stopped or killed it on purpose
+        self.lock = threading.RLock()  # the supervisor and the test both start and stop it
 
     def start(self) -> None:
+        with self.lock:
+            self._start()
+
+    def _start(self) -> None:
         env = self.world.env(
             MILLSTREAM_WEB_PORT=str(self.web_port), MILLSTREAM_DATA_DIR=str(self.datadir), **self.overrides
         )
@@ -137,14 +168,16 @@ class WorkerProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def kill9(self) -> None:
-        assert self.proc is not None
-        self.expected_alive = False
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
+        with self.lock:
+            assert self.proc is not None
+            self.expected_alive = False
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
 
     def stop(self, timeout: float = 30) -> int | None:
         """SIGTERM by PID (graceful), SIGKILL if it lingers; returns the exit code."""
-        self.expected_alive = False
+        with self.lock:
+            self.expected_alive = False
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
         self.proc.terminate()
@@ -168,7 +201,8 @@ async def produce(
     bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes]], rate: float | None = None
 ) -> int:
     """Send messages keyed by device; at ``rate`` messages/s if given. Returns how many."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
+    # max_request_size: the simulator's messages at and over the size limits (8 MiB is tansu's own ceiling too).
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all", max_request_size=8 * 1024 * 1024)
     await producer.start()
     try:
         return await send_paced(producer, topic, list(messages), rate=rate)
@@ -188,7 +222,10 @@ async def committed_total(bootstrap: str, group: str, topic: str) -> int:
 
 async def read_dlq(bootstrap: str, topic: str, expected: int, wait_s: float = 30) -> list[Any]:
     """Everything on the DLQ topic: wait for ``expected`` records, then make sure no more come."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None,
+        max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=16 * 1024 * 1024,
+    )  # fmt: skip
     await consumer.start()
     records: list[Any] = []
     try:
@@ -201,39 +238,3 @@ async def read_dlq(bootstrap: str, topic: str, expected: int, wait_s: float = 30
     finally:
         await consumer.stop()
     return records
-
-
-Aggregate = tuple[int, float, float, float, float, int]  # count, sum, min, max, last, last_ms
-
-
-def expected_windows(
-    log: SimulationLog, sizes: Iterable[int] = WINDOW_SIZES
-) -> dict[tuple[str, str, int, int], Aggregate]:
-    """Aggregates computed from what was sent: every reading not sent late, in send order."""
-    out: dict[tuple[str, str, int, int], list[Any]] = {}
-    for reading in log.readings:
-        if reading.late:
-            continue
-        for size in sizes:
-            start = reading.event_ms // (size * 1000) * size * 1000
-            for metric, value in reading.metrics.items():
-                agg = out.get((reading.device_id, metric, size, start))
-                if agg is None:
-                    out[(reading.device_id, metric, size, start)] = [1, value, value, value, value, reading.event_ms]
-                    continue
-                agg[0] += 1
-                agg[1] += value
-                agg[2], agg[3] = min(agg[2], value), max(agg[3], value)
-                if reading.event_ms >= agg[5]:
-                    agg[4], agg[5] = value, reading.event_ms
-    return {k: (v[0], v[1], v[2], v[3], v[4], v[5]) for k, v in out.items()}
-
-
-def expected_latest(log: SimulationLog) -> dict[tuple[str, str], tuple[float, int]]:
-    out: dict[tuple[str, str], tuple[float, int]] = {}
-    for reading in log.readings:
-        for metric, value in reading.metrics.items():
-            current = out.get((reading.device_id, metric))
-            if current is None or reading.event_ms >= current[1]:
-                out[(reading.device_id, metric)] = (value, reading.event_ms)
-    return out

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from models.decode import Decoder
 from models.records import Rejection
-from tests.chaos.poison import KINDS, poison
-
-LIMIT = 65_536  # the chaos worker's MILLSTREAM_LIMITS__MAX_MESSAGE_BYTES
+from tests.chaos.poison import KINDS, LIMIT, poison
 
 
 def test_every_poison_message_is_rejected_with_a_reason() -> None:
-    decoder = Decoder(max_message_bytes=LIMIT)
+    decoder = Decoder(max_message_bytes=LIMIT)  # the chaos worker's limit: production's default
     reasons: dict[str, set[str]] = {}
     messages = list(poison(3 * len(KINDS), seed=5))
     for key, value, kind in messages:
