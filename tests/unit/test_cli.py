@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.settings import settings_markdown
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -43,10 +41,3 @@ def test_settings_prints_effective_values_with_secrets_masked() -> None:
     assert '"web_port": 7000' in result.stdout
     assert "s3cr3t-value" not in result.stdout
     assert "**********" in result.stdout
-
-
-def test_readme_settings_table_matches_the_model() -> None:
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("<!-- settings:begin -->") + len("<!-- settings:begin -->\n")
-    end = readme.index("<!-- settings:end -->")
-    assert readme[start:end] == settings_markdown(), "run: millstream settings --markdown"
