@@ -112,6 +112,17 @@ class OffsetGate:
         self.committable: dict[Any, int] = {}  # tp -> everything below is written
         self._faust_new_offset: Callable[[Any], int | None] | None = None
 
+    def attach(self, app: Any) -> None:
+        """Install on every consumer ``app`` builds, before faust's fetcher starts."""
+        new_consumer = app._new_consumer
+
+        def _new_consumer() -> Any:
+            consumer = new_consumer()
+            self.install(consumer)
+            return consumer
+
+        app._new_consumer = _new_consumer
+
     def install(self, consumer: Any) -> None:
         """Take over commit decisions and record delivery for the source topic (before faust's
         fetcher starts: its drain loop binds the read-offset mapping once)."""

@@ -1,8 +1,10 @@
-"""One batch of source messages, from bytes to durable rows. Independent of faust.
+"""Batches of source messages, from bytes to durable rows, in one order. Independent of faust.
 
-:meth:`Pipeline.process` returns only when every row and aggregate derived from the batch is
-durably written; the caller (the faust agent) then acks the batch in offset order. If it
-raises, nothing of the batch may be acked: the worker crashes and the batch is replayed.
+:meth:`Pipeline.submit` is what the worker runs for every batch; the order of a flush is
+written down there, beside the code that performs it. The caller's ``then`` (the commit and
+the acks) runs only when every row, aggregate and changelog record derived from the batch is
+durable. If anything fails, nothing of that batch or any later one is acked: the worker
+crashes and the batches are replayed.
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from agents.batching import InOrderWrites
 from agents.windows import COUNT, LAST, LAST_MS, MAX, MIN, OFFSET, SUM, ApplyResult, DeviceState, WindowPolicy
 from app import metrics
 from models.decode import Decoder
 from models.records import Rejection, RejectReason, SourceMessage
+from models.rows import AggregateBatch, LatestRow, RawBatch, RawRow, WindowRow
 from sinks.base import RetryPolicy, Sink
-from sinks.clickhouse import RawBatch, RawRow
-from sinks.scylla import AggregateBatch, LatestRow, WindowRow
 
 MAX_FACTORY_LABELS = 200
 INTERNAL_ERROR_DETAIL = 500  # characters of an isolated exception kept in the DLQ detail header
+
+
+Then = Callable[["BatchOutcome"], Awaitable[None]]
 
 
 class PipelineHalted(Exception):
@@ -140,12 +145,15 @@ class Pipeline:
         # (topic, partition) -> highest offset whose rows both sinks have: windows changed by
         # later offsets are not evicted from the state yet (see agents/windows.py).
         self.written: dict[tuple[str, int], int] = {}
+        self._writes = InOrderWrites(on_error=_nothing)
         self._factories: set[str] = set()
         self._ignored_fields = 0  # of decoder.ignored_fields, already counted in the metric
 
-    async def process(self, batch: list[SourceMessage]) -> BatchOutcome:
-        """Process one batch; see the numbered order below. Raises instead of losing data."""
-        # The order of a flush (the only place it is written down):
+    async def submit(self, batch: list[SourceMessage], then: Then) -> None:
+        """One batch through the order of a flush, as the worker runs it (the only place the
+        order is written down). Returns once steps 1-4 are done; steps 5-7 run after the
+        previous batch's, and ``then`` (8) right after them. Raises the failure of an earlier
+        batch's writes: nothing after a failed batch is written or acked."""
         # 1. decode every message (a bad one gets a rejection with a reason);
         # 2. apply each device's readings to its window state, in memory, skipping offsets the
         #    state already holds; a message that raises, or would grow its device's state past
@@ -156,19 +164,44 @@ class Pipeline:
         # 4. store each changed device state (a changelog record each). A replayed device's
         #    state is stored again too: a local RocksDB state can hold what the changelog does
         #    not, and the offset is about to be committed;
-        #    (1-4 are prepare(): the worker prepares the next batch while this one's writes
-        #    are in flight, one batch's writes at a time)
+        prepared = await self.prepare(batch)
+        # (the next batch is prepared while this one's writes are in flight; one batch's
+        # writes at a time, strictly in order)
         # 5. write raw rows to ClickHouse and 6. upsert every aggregate the batch touched to
         #    ScyllaDB, concurrently, each retrying the same rows on retriable errors, then
         # 7. wait until the broker has acknowledged the batch's changelog records (faust's own
-        #    flush before a commit gives up after 0.1 s without progress) (write());
-        # 8. the caller lets the gate commit the batch's offsets and acks it, batches strictly
-        #    in order (agents/ingest.py, agents/offsets.py).
+        #    flush before a commit gives up after 0.1 s without progress);
+        # 8. ``then``: the caller lets the gate commit the batch's offsets and acks it
+        #    (agents/ingest.py, agents/offsets.py).
         # A fatal error, or retries running out, raises before 8: nothing of the batch is acked.
-        return await self.write(await self.prepare(batch))
+        await self._writes.submit(lambda: self.write(prepared), lambda: then(prepared.outcome))
+
+    def on_failure(self, report: Callable[[BaseException], Awaitable[None]]) -> None:
+        """Who hears of a failed write at once (the worker crashes); drain() raises it too."""
+        self._writes.on_error = report
+
+    async def drain(self) -> None:
+        """Until every submitted batch is written and its ``then`` ran; raises a failure."""
+        await self._writes.wait()
+
+    async def cancel(self) -> None:
+        """Abandon the writes in flight (on stop): not acked, so replayed by the next owner."""
+        await self._writes.cancel()
+
+    async def process(self, batch: list[SourceMessage]) -> BatchOutcome:
+        """One batch all the way, the worker's path: :meth:`submit`, then :meth:`drain`."""
+        done: list[BatchOutcome] = []
+
+        async def then(outcome: BatchOutcome) -> None:
+            done.append(outcome)
+
+        await self.submit(batch, then)
+        await self.drain()
+        return done[0]
 
     async def prepare(self, batch: list[SourceMessage]) -> PreparedBatch:
-        """Steps 1-4: decode, apply, dead-letter, store the state; the rows to write."""
+        """Steps 1-4: decode, apply, dead-letter, store the state; the rows to write. Called
+        through :meth:`submit`."""
         outcome = BatchOutcome(messages=len(batch))
         now = self.clock()
         self._decode(batch, now)
@@ -202,7 +235,7 @@ class Pipeline:
 
     async def write(self, prepared: PreparedBatch) -> BatchOutcome:
         """Steps 5-7: both sinks, concurrently, retried, and the batch's changelog records
-        acknowledged; returns once all of it is durable."""
+        acknowledged; returns once all of it is durable. Called through :meth:`submit`."""
         outcome, valid, raw, aggregates = prepared.outcome, prepared.valid, prepared.raw, prepared.aggregates
         await self._write_both(raw, aggregates)
         if prepared.changelog:
@@ -454,6 +487,10 @@ class Pipeline:
                 value, event_ms, offset = last
                 result.latest.append((device, metric, value, event_ms, offset))
         result.late, result.duplicates = applied.late, applied.duplicates
+
+
+async def _nothing(exc: BaseException) -> None:
+    """No one to tell of a failed write (tests, the bench): :meth:`Pipeline.drain` raises it."""
 
 
 def _add_rows(rows: list[RawRow], message: SourceMessage, ingest: int) -> None:

@@ -139,20 +139,14 @@ class WindowPolicy:
             state.offset = offset
 
     def apply(self, state: DeviceState, readings: list[Reading], offset: int, result: ApplyResult) -> None:
-        """Apply one message's readings at ``offset``; record what it touched in ``result``."""
+        """Apply one message's readings at ``offset``; record what it touched in ``result``.
+
+        One loop over readings, sizes and metrics on purpose: it runs per reading on the hot
+        path, and a helper call per reading or per window costs measurably in ``millstream
+        bench``. The batched, in-order case takes :meth:`_apply_in_order` instead.
+        """
         if offset <= state.offset:
-            # Replay after a crash or rebalance: the state already holds this message. Its
-            # aggregates are still upserted (the first write may not have happened).
-            result.applied = False
-            for reading in readings:
-                for size_s in self.sizes_s:
-                    size_ms = size_s * 1000
-                    start = reading.event_ms - reading.event_ms % size_ms
-                    for metric in reading.metrics:
-                        key = WindowKey(metric, size_s, start)
-                        if key in state.windows:
-                            result.touched.add(key)
-                result.latest_touched.update(m for m in reading.metrics if m in state.latest)
+            self._replayed(state, readings, result)
             return
         if len(readings) > 1 and self._apply_in_order(state, readings, offset, result):
             return
@@ -223,6 +217,20 @@ class WindowPolicy:
                 watermark = event_ms
         state.watermark_ms = watermark
         state.offset = offset
+
+    def _replayed(self, state: DeviceState, readings: list[Reading], result: ApplyResult) -> None:
+        """A replay after a crash or rebalance: the state already holds this message. Its
+        aggregates are still upserted (the first write may not have happened)."""
+        result.applied = False
+        for reading in readings:
+            for size_s in self.sizes_s:
+                size_ms = size_s * 1000
+                start = reading.event_ms - reading.event_ms % size_ms
+                for metric in reading.metrics:
+                    key = WindowKey(metric, size_s, start)
+                    if key in state.windows:
+                        result.touched.add(key)
+            result.latest_touched.update(m for m in reading.metrics if m in state.latest)
 
     def _apply_in_order(self, state: DeviceState, readings: list[Reading], offset: int, result: ApplyResult) -> bool:
         """The common batched message, applied a window at a time with C builtins.

@@ -98,7 +98,7 @@ def _settings_command(args: argparse.Namespace) -> int:
 def _simulate_command(args: argparse.Namespace) -> int:
     import asyncio
 
-    from app.simulator import Simulator, UnrulySimulator, publish
+    from app.tools.simulator import Simulator, UnrulySimulator, publish
 
     for name in ("messages", "devices", "batch_size"):
         if getattr(args, name) < 1:
@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if min(args.messages, args.batched_messages, args.batch_size, args.devices) < 1 or args.latency_seconds <= 0:
             return _fail("--messages, --batched-messages, --batch-size and --devices must be at least 1, "
                          "--latency-seconds positive")  # fmt: skip
-        from app.bench import BenchOptions, run_bench
+        from app.tools.bench import BenchOptions, run_bench
 
         options = BenchOptions(
             messages=args.messages, batched_messages=args.batched_messages, batch_size=args.batch_size,
@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         if args.duration <= 0 or args.devices < 1:
             return _fail("--duration must be positive and --devices at least 1")
-        from app.demo import run_demo
+        from app.tools.demo import run_demo
 
         return run_demo(args.duration, args.devices, args.json)
     parser.print_help()

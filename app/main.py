@@ -1,4 +1,8 @@
-"""The faust App factory. Nothing here reads the environment; settings are passed in."""
+"""The faust App factory and the composition of a worker, in the order data flows through it.
+
+Nothing here reads the environment; settings are passed in. The service packages below import
+nothing from this module (a test fails on any import cycle).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,19 @@ from typing import Any
 
 import faust
 
-from app import faust_patches
-from app.kafka import ssl_context
+from agents.ingest import register as register_ingest
+from agents.offsets import BrokerProbe, OffsetGate
+from agents.pipeline import Pipeline
+from agents.state import declare_tables
+from agents.windows import WindowPolicy
+from app import faust_patches, monitor, web
+from app.kafka import kafka_client_options, ssl_context
 from app.settings import KafkaSettings, Settings
+from models.decode import Decoder
+from sinks.base import RetryPolicy
+from sinks.clickhouse import raw_writer
+from sinks.dead_letters import KafkaDeadLetters
+from sinks.scylla import ScyllaAggregateWriter
 
 
 def broker_credentials(kafka: KafkaSettings) -> Any:
@@ -25,12 +39,6 @@ def broker_credentials(kafka: KafkaSettings) -> Any:
         mechanism=kafka.sasl_mechanism,
         ssl_context=context,
     )
-
-
-def table_options(settings: Settings) -> dict[str, Any]:
-    """RocksDB options for every table: faust's default block cache is 2 GiB per partition DB."""
-    cache = settings.rocksdb_block_cache_mb * 1024 * 1024
-    return {"block_cache_size": cache, "block_cache_compressed_size": cache // 4, "write_buffer_size": cache // 2}
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -82,26 +90,47 @@ def create_app(settings: Settings) -> faust.App:
     faust_patches.set_fetch_max_wait(kafka.fetch_max_wait_ms)
     faust_patches.configure_producer(kafka.request_timeout_s, lambda app: produced_topics(app, settings))
     faust_patches.install_lean_drain()
+    app.monitor = faust_patches.FaustSensor(metrics=faust_patches.faust_metrics())
     app.millstream_settings = settings  # type: ignore[attr-defined]
-    _setup_metrics(app)
-    from agents.ingest import register
-
-    register(app, settings)
+    app.millstream_pipeline = compose(app, settings)  # type: ignore[attr-defined]
     return app
 
 
-def _setup_metrics(app: faust.App) -> None:
-    """/metrics on the web port: millstream's metrics and faust's own sensor, one registry."""
-    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-
-    from app.faust_patches import FaustSensor, faust_metrics
-
-    app.monitor = FaustSensor(metrics=faust_metrics())
-
-    @app.page("/metrics")
-    async def metrics_page(web: Any, request: Any) -> Any:
-        # As a header: aiohttp refuses a content type that carries a charset parameter.
-        return web.bytes(generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+def compose(app: faust.App, settings: Settings) -> Pipeline:
+    """Topics and tables, the pipeline with its sinks, the agent, its monitoring and pages."""
+    kafka, limits, windows = settings.kafka, settings.limits, settings.windows
+    source = app.topic(
+        kafka.telemetry_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+        partitions=kafka.partitions,
+    )  # fmt: skip
+    dlq = app.topic(
+        kafka.dlq_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+        partitions=kafka.partitions, replicas=kafka.replication_factor,
+    )  # fmt: skip
+    tables = declare_tables(app, settings)
+    pipeline = Pipeline(
+        decoder=Decoder(
+            max_message_bytes=limits.max_message_bytes, max_readings_per_message=limits.max_readings_per_message,
+            max_device_id_length=limits.max_device_id_length, max_future_skew_s=limits.max_future_skew_s,
+            max_metrics_per_reading=limits.max_metrics_per_reading,
+        ),
+        windows=WindowPolicy(windows.sizes_s, windows.grace_s, windows.retention_windows, windows.dedup_s),
+        state=tables.windows,
+        raw_sink=raw_writer(settings.clickhouse),
+        aggregate_sink=ScyllaAggregateWriter(settings.scylla) if settings.scylla.enabled else None,
+        dead_letters=KafkaDeadLetters(dlq, app.conf.producer_max_request_size),
+        retry=RetryPolicy(budget_s=settings.pipeline.retry_budget_s),
+        dlq_max_consecutive=limits.dlq_max_consecutive,
+        dlq_progress=tables.dlq_progress,
+        changelog=tables.acks,
+        max_state_bytes=limits.max_state_bytes,
+    )  # fmt: skip
+    gate = OffsetGate(kafka.telemetry_topic, BrokerProbe(kafka_client_options(kafka)))
+    gate.attach(app)  # before faust's fetcher starts (see agents/offsets.py)
+    ingest = register_ingest(app, settings, source, pipeline, gate)
+    monitor.register(app, settings, gate)
+    web.register(app, ingest, tables.windows.table)
+    return pipeline
 
 
 def produced_topics(app: faust.App, settings: Settings) -> list[str]:

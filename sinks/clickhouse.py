@@ -22,7 +22,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,6 +30,7 @@ import orjson
 
 from app import metrics
 from app.settings import ClickHouseSettings
+from models.rows import RawBatch, RawRow
 from sinks.base import FatalSinkError, RetriableSinkError
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,6 @@ COLUMNS = (
     "device_id", "factory", "line", "location", "metric", "value", "event_time", "event_ms",
     "ingest_time", "kafka_partition", "kafka_offset", "reading_index",
 )  # fmt: skip
-RawRow = tuple[str, str, str, str, str, float, int, int, int, int, int, int]
 
 DDL_DATABASE = "CREATE DATABASE IF NOT EXISTS {database}"
 DDL_TABLE = """
@@ -120,14 +119,6 @@ def classify(exc: BaseException) -> RetriableSinkError | FatalSinkError:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return " ".join(text[:2])[:300] if text else type(exc).__name__
-
-
-@dataclass(slots=True)
-class RawBatch:
-    """Rows of one flush, plus what names it for deduplication."""
-
-    rows: list[RawRow] = field(default_factory=list)
-    token: str = ""  # topic/partition:first-last,...
 
 
 class ClickHouseRawWriter:

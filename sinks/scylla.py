@@ -17,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from app import metrics
 from app.settings import ScyllaSettings
+from models.rows import AggregateBatch
 from sinks.base import FatalSinkError, RetriableSinkError
 
 log = logging.getLogger(__name__)
@@ -65,21 +65,6 @@ UPSERT_LATEST = (
     "INSERT INTO {keyspace}.latest_values (device_id, metric, value, event_time, source_offset) "
     "VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
 )
-
-# (device, metric, size_s, start_ms, end_ms, count, sum, min, max, last, last_ms, offset)
-WindowRow = tuple[str, str, int, int, int, int, float, float, float, float, int, int]
-# (device, metric, value, event_ms, offset)
-LatestRow = tuple[str, str, float, int, int]
-
-
-@dataclass(slots=True)
-class AggregateBatch:
-    windows: list[WindowRow] = field(default_factory=list)
-    latest: list[LatestRow] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.windows) + len(self.latest)
-
 
 # ---- error classification (cassandra-driver exception class names)
 RETRIABLE_ERRORS = frozenset(

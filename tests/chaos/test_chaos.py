@@ -19,9 +19,8 @@ from collections.abc import Callable
 
 import pytest
 
-from app.local import metric_value, rss_mb
-from app.simulator import SimulationLog
-from tests.chaos.poison import KINDS, poison
+from app.tools.local import metric_value, rss_mb
+from app.tools.simulator import SimulationLog
 from tests.support.audit import (
     Audit,
     audit,
@@ -31,6 +30,7 @@ from tests.support.audit import (
     stored_rows,
     wait_until_complete,
 )
+from tests.support.poison import KINDS, poison
 from tests.support.proxy import DelayProxy
 from tests.support.world import World, produce
 

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.support.helpers import run_cli
+
 pytestmark = [pytest.mark.kafka, pytest.mark.chdb, pytest.mark.timeout(400)]
-ROOT = Path(__file__).resolve().parents[2]
 FIGURES = (
     "consume_ceiling_msgs_per_s", "bare_agent_msgs_per_s", "pipeline_msgs_per_s", "pipeline_vs_bare_ratio",
     "batched_readings_per_s", "latency_p50_s", "latency_p99_s", "rows_per_insert", "rss_peak_mb", "rss_growth_ratio",
@@ -23,11 +20,9 @@ FIGURES = (
 
 
 def test_bench_prints_every_figure() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MILLSTREAM_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "bench", "--messages", "6000", "--batched-messages", "300",
-         "--batch-size", "20", "--latency-seconds", "3", "--json"],
-        capture_output=True, text=True, timeout=380, env=env, cwd=ROOT,
+    result = run_cli(
+        "bench", "--messages", "6000", "--batched-messages", "300", "--batch-size", "20", "--latency-seconds", "3",
+        "--json", timeout=380,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])

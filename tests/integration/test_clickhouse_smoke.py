@@ -1,92 +1,64 @@
-"""ClickHouse 18.16 over asynch, and the same DDL on modern ClickHouse through chdb."""
+"""The table millstream writes, on ClickHouse 18.16 over asynch and on current ClickHouse
+(chdb): the production DDL and writer, and the deduplication everything relies on."""
 
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
-from asynch import Connection
 
+from app.settings import ClickHouseSettings
+from models.rows import RawBatch, RawRow
+from sinks.clickhouse import ClickHouseRawWriter, EmbeddedRawWriter
 from tests.support.servers import ClickHouseServer
 
-# The table shape millstream relies on: a replayed row (same sorting key) collapses under FINAL.
-DDL = """
-CREATE TABLE IF NOT EXISTS {table} (
-    device_id String,
-    metric String,
-    value Float64,
-    event_time DateTime,
-    kafka_partition UInt16,
-    kafka_offset UInt64
-) ENGINE = ReplacingMergeTree
-PARTITION BY toYYYYMM(event_time)
-ORDER BY (device_id, metric, event_time, kafka_partition, kafka_offset)
-"""
+T = 1_705_314_600
+FIRST: RawRow = ("d1", "f", "l", "loc", "temperature", 21.5, T, T * 1000 + 123, T + 1, 3, 42, 0)
 ROWS = [
-    ("sensor-001", "temperature", 25.5, 1_705_314_600, 0, 10),
-    ("sensor-001", "humidity", 60.0, 1_705_314_600, 0, 10),
-    ("sensor-002", "temperature", 19.0, 1_705_314_660, 1, 3),
+    FIRST,
+    ("d1", "f", "l", "loc", "humidity", 60.0, T, T * 1000 + 123, T + 1, 3, 42, 0),
+    ("d2", "f", "l", "loc", "temperature", 19.0, T + 60, (T + 60) * 1000, T + 61, 1, 7, 0),
 ]
+# A replay (same rows again) and a re-send under a new offset: both must collapse under FINAL.
+AGAIN = [*ROWS, (*FIRST[:9], 3, 99, 0)]
+
+
+async def stored(writer: ClickHouseRawWriter | EmbeddedRawWriter, sql: str) -> str:
+    if isinstance(writer, EmbeddedRawWriter):
+        return str(bytes((await writer._run(sql)).bytes()).decode().strip())
+    conn = await writer._connect()
+    async with conn.cursor() as cursor:
+        await cursor.execute(sql)
+        return "\n".join(",".join(str(v) for v in row) for row in await cursor.fetchall())
+
+
+async def check_the_table_collapses_replays(writer: ClickHouseRawWriter | EmbeddedRawWriter) -> None:
+    await writer.start()
+    await writer.start()  # the DDL is idempotent: every worker runs it at start
+    try:
+        await writer.write(RawBatch(list(ROWS), "telemetry/3:42-42"))
+        await writer.write(RawBatch(list(AGAIN), "telemetry/3:42-99"))
+        table = f"{writer.database}.{writer.table}"
+        assert await stored(writer, f"SELECT count() FROM {table}") == "7"  # before a merge
+        assert await stored(writer, f"SELECT count() FROM {table} FINAL") == "3"
+        rows = await stored(writer, f"SELECT device_id, metric, value FROM {table} FINAL ORDER BY device_id, metric")
+        assert rows.replace('"', "").splitlines() == ["d1,humidity,60", "d1,temperature,21.5", "d2,temperature,19"]
+    finally:
+        await writer.close()
 
 
 @pytest.mark.clickhouse
 @pytest.mark.timeout(60)
-async def test_replacing_merge_tree_collapses_replays(clickhouse_server: ClickHouseServer) -> None:
-    table = f"smoke_{uuid.uuid4().hex[:8]}"
-    conn = Connection(host="127.0.0.1", port=clickhouse_server.tcp_port, database="default")
-    await conn.connect()
-    try:
-        async with conn.cursor() as cursor:
-            await cursor.execute(DDL.format(table=table))
-            await cursor.execute(DDL.format(table=table))  # idempotent
-            insert = f"INSERT INTO {table} (device_id, metric, value, event_time, kafka_partition, kafka_offset) VALUES"
-            assert await cursor.execute(insert, ROWS) == 3
-            assert await cursor.execute(insert, ROWS[:2]) == 2  # a replay of the first two rows
-            await cursor.execute(f"SELECT count() FROM {table}")
-            assert await cursor.fetchall() == [(5,)]
-            await cursor.execute(f"SELECT device_id, metric, value FROM {table} FINAL ORDER BY device_id, metric")
-            assert await cursor.fetchall() == [
-                ("sensor-001", "humidity", 60.0),
-                ("sensor-001", "temperature", 25.5),
-                ("sensor-002", "temperature", 19.0),
-            ]
-    finally:
-        await conn.close()
-    # The server answers other clients too: check through its HTTP interface, not the driver.
-    assert clickhouse_server.query(f"SELECT count() FROM {table} FINAL").strip() == "3"
+async def test_the_production_table_on_clickhouse_18(clickhouse_server: ClickHouseServer) -> None:
+    database = f"smoke_{uuid.uuid4().hex[:8]}"
+    writer = ClickHouseRawWriter(ClickHouseSettings(url=clickhouse_server.url(database)))
+    await check_the_table_collapses_replays(writer)
+    # The server answers other clients too: through its own client, not the driver.
+    assert clickhouse_server.query(f"SELECT count() FROM {database}.telemetry_raw FINAL").strip() == "3"
 
 
 @pytest.mark.chdb
-def test_same_ddl_on_modern_clickhouse(tmp_path: object) -> None:
-    chdb_session = pytest.importorskip("chdb.session")
-    session = chdb_session.Session(str(tmp_path))
-    try:
-        session.query(DDL.format(table="default.smoke"))
-        values = ", ".join(f"('{d}', '{m}', {v}, toDateTime({t}), {p}, {o})" for d, m, v, t, p, o in ROWS)
-        session.query(f"INSERT INTO default.smoke VALUES {values}")
-        session.query(f"INSERT INTO default.smoke VALUES {values}")
-        assert session.query("SELECT count() FROM default.smoke", "CSV").bytes().strip() == b"6"
-        assert session.query("SELECT count() FROM default.smoke FINAL", "CSV").bytes().strip() == b"3"
-    finally:
-        session.close()
-
-
-@pytest.mark.chdb
-def test_production_ddl_on_modern_clickhouse(tmp_path: object) -> None:
-    """millstream's telemetry_raw DDL also parses and deduplicates on current ClickHouse."""
-    from sinks.clickhouse import COLUMNS, DDL_DATABASE, DDL_TABLE
-
-    chdb_session = pytest.importorskip("chdb.session")
-    session = chdb_session.Session(str(tmp_path))
-    try:
-        session.query(DDL_DATABASE.format(database="millstream"))
-        session.query(DDL_TABLE.format(database="millstream", table="telemetry_raw"))
-        session.query(DDL_TABLE.format(database="millstream", table="telemetry_raw"))  # idempotent
-        row = "('d1', 'f', 'l', 'loc', 'temperature', 21.5, 1705314600, 1705314600123, 1705314601, 3, 42, 0)"
-        columns = ", ".join(COLUMNS)
-        for _ in range(2):  # a replay of the same reading
-            session.query(f"INSERT INTO millstream.telemetry_raw ({columns}) VALUES {row}")
-        count = session.query("SELECT count() FROM millstream.telemetry_raw FINAL", "CSV").bytes().strip()
-        assert count == b"1"
-    finally:
-        session.close()
+@pytest.mark.timeout(60)
+async def test_the_production_table_on_current_clickhouse(tmp_path: Path) -> None:
+    await check_the_table_collapses_replays(EmbeddedRawWriter(ClickHouseSettings(url=f"chdb://{tmp_path}")))

@@ -20,7 +20,7 @@ from cassandra.policies import RoundRobinPolicy
 from cassandra.protocol import OverloadedErrorMessage
 from cassandra.query import BatchStatement
 
-from tests.support.cql_server import CqlServer
+from tests.support.cql import CqlServer
 
 pytestmark = [pytest.mark.cql, pytest.mark.timeout(60)]
 

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.support.helpers import run_cli
+
 pytestmark = [pytest.mark.kafka, pytest.mark.chdb, pytest.mark.timeout(240)]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_reports_nothing_lost() -> None:
     pytest.importorskip("chdb")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MILLSTREAM_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "demo", "--duration", "6", "--devices", "15", "--json"],
-        capture_output=True, text=True, timeout=220, env=env, cwd=ROOT,
-    )  # fmt: skip
+    result = run_cli("demo", "--duration", "6", "--devices", "15", "--json", timeout=220)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["lost"] == 0

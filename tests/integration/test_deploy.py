@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,9 @@ import pytest
 import yaml
 
 from app import metrics as millstream_metrics
+from tests.support.helpers import ROOT, run_cli
 from tests.support.kustomize import render
 
-ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.32.0"
 CUSTOM_KINDS = {
@@ -183,10 +182,7 @@ def test_manifests_hang_together() -> None:
 
 
 def _settings_check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MILLSTREAM_")}
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", "settings"], env={**clean, **env}, capture_output=True, text=True, cwd=ROOT
-    )
+    return run_cli("settings", **env)
 
 
 def test_every_setting_the_manifests_pass_is_valid(tmp_path: Path) -> None:

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
+from tests.support.helpers import promql
 from tests.support.servers import PrometheusServer, free_port
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.timeout(90)]
 
 
 def _query(prometheus: PrometheusServer, expr: str) -> list[dict[str, object]]:
-    url = f"{prometheus.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=5) as response:
-        body = json.loads(response.read())
-    assert body["status"] == "success", body
-    return list(body["data"]["result"])
+    return promql(prometheus.url, expr)
 
 
 def test_prometheus_scrapes_a_target(prometheus_factory: Callable[[list[str]], PrometheusServer]) -> None:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable
 
 import pytest
 
-from app.simulator import Simulator
+from app.tools.simulator import Simulator
+from tests.support.helpers import promql
 from tests.support.servers import PrometheusServer
 from tests.support.world import World, produce
 
@@ -21,9 +19,7 @@ pytestmark = [
 
 
 def value(prometheus: PrometheusServer, expr: str) -> float | None:
-    url = f"{prometheus.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=5) as response:
-        result = json.loads(response.read())["data"]["result"]
+    result = promql(prometheus.url, expr)
     return float(result[0]["value"][1]) if result else None
 
 

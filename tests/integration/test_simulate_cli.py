@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from tests.support.helpers import run_cli
 from tests.support.servers import TansuBroker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MILLSTREAM_")}
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", "simulate", *args], capture_output=True, text=True, timeout=100,
-        env={**clean, **env}, cwd=ROOT,
-    )  # fmt: skip
+    return run_cli("simulate", *args, timeout=100, **env)
 
 
 async def _count(bootstrap: str, topic: str, expected: int) -> tuple[int, set[bytes]]:

@@ -29,10 +29,11 @@ from agents.windows import WindowPolicy
 from app.settings import ClickHouseSettings, ScyllaSettings
 from models.decode import MAX_ABS_VALUE, METADATA_FIELDS, METRIC_NAME, MIN_EVENT_MS, Decoder
 from models.records import SourceMessage
+from models.rows import RawBatch
 from sinks.base import RetryPolicy
-from sinks.clickhouse import ClickHouseRawWriter, EmbeddedRawWriter, RawBatch
+from sinks.clickhouse import ClickHouseRawWriter, EmbeddedRawWriter
 from sinks.scylla import ScyllaAggregateWriter
-from tests.support.cql_server import CqlServer
+from tests.support.cql import CqlServer
 from tests.support.servers import ClickHouseServer
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.chdb, pytest.mark.cql, pytest.mark.timeout(900)]

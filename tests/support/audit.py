@@ -17,7 +17,7 @@ from typing import Any
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
 from cassandra.policies import RoundRobinPolicy
 
-from app.simulator import Outgoing, SimulationLog, Simulator, UnrulySimulator
+from app.tools.simulator import Outgoing, SimulationLog, Simulator, UnrulySimulator
 from tests.support.oracle import expected
 from tests.support.world import World, committed_total, produce, read_dlq
 
@@ -36,6 +36,10 @@ def simulate(
 def stored_rows(world: World, final: bool = True) -> int:
     text = world.clickhouse.query(f"SELECT count() FROM {world.database}.telemetry_raw{' FINAL' if final else ''}")
     return int(text) if text.strip().isdigit() else -1
+
+
+def table_exists(world: World) -> bool:
+    return world.clickhouse.query(f"EXISTS TABLE {world.database}.telemetry_raw").strip() == "1"
 
 
 def committed(world: World) -> int:

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import pytest
 
-from tests.support.cql_server import CqlServer
+from tests.support.cql import CqlServer
 from tests.support.servers import (
     ClickHouseServer,
     ManagedProcess,

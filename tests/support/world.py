@@ -6,8 +6,6 @@ from __future__ import annotations
 import atexit
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -17,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.simulator import send_paced
-from tests.support.cql_server import CqlServer
+from app.tools.broker import create_topics
+from app.tools.local import WorkerChild
+from app.tools.simulator import send_paced
+from tests.support.cql import CqlServer
+from tests.support.helpers import ROOT
 from tests.support.servers import ClickHouseServer, TansuBroker, free_port
 
 PARTITIONS = 4
@@ -55,8 +55,9 @@ class World:
     def database(self) -> str:
         return f"db_{self.name}"
 
-    def env(self, **overrides: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MILLSTREAM_")}
+    def settings(self, **overrides: str) -> dict[str, str]:
+        """The MILLSTREAM_* settings of a worker of this world."""
+        env: dict[str, str] = {}
         # Production settings (the defaults and what deploy/ sets: RocksDB state, batch sizes,
         # retry budget, ...) except where a line says why; memory state only where a test says.
         env.update(
@@ -93,8 +94,10 @@ class World:
         env.update(overrides)
         return env
 
-    def start_worker(self, **overrides: str) -> WorkerProcess:
+    def start_worker(self, *, supervised: bool = True, **overrides: str) -> WorkerProcess:
+        """A new worker; ``supervised=False`` for a test that expects it to exit."""
         worker = WorkerProcess(self, len(self.workers), overrides)
+        worker.supervised = supervised
         self.workers.append(worker)
         worker.start()
         if self._supervisor is None:
@@ -107,7 +110,9 @@ class World:
         while not self._stopping.wait(0.5):
             for worker in list(self.workers):
                 with worker.lock:
-                    if not worker.expected_alive or worker.proc is None or worker.proc.poll() is None:
+                    if not worker.supervised or not worker.expected_alive or worker.proc is None:
+                        continue
+                    if worker.proc.poll() is None:
                         continue
                     self.restarts.append((worker.index, worker.proc.returncode, worker.tail(15)))
                     worker.start()
@@ -120,49 +125,39 @@ class World:
             worker.stop()
 
 
-class WorkerProcess:
-    """``millstream worker`` as a child process with its own web port and data dir."""
+class WorkerProcess(WorkerChild):
+    """A worker of the test world: its own web port and data dir (kept across restarts, as a
+    StatefulSet pod keeps its volume), restartable, killable with SIGKILL, supervised."""
 
     def __init__(self, world: World, index: int, overrides: dict[str, str]) -> None:
-        self.world = world
-        self.index = index
-        self.web_port = free_port()
+        port = free_port()
+        self.world, self.index = world, index
         self.datadir = world.workdir / f"worker-{index}"
-        self.log_path = world.workdir / f"worker-{index}.log"
-        self.overrides = overrides
-        self.proc: subprocess.Popen[bytes] | None = None
+        settings = world.settings(MILLSTREAM_WEB_PORT=str(port), MILLSTREAM_DATA_DIR=str(self.datadir), **overrides)
+        super().__init__(
+            name=f"worker-{index}", log_path=world.workdir / f"worker-{index}.log", web_port=port, settings=settings,
+            cwd=ROOT, new_session=True,
+        )  # fmt: skip
         self.starts = 0
         self.expected_alive = False  # False once a test stopped or killed it on purpose
         self.lock = threading.RLock()  # the supervisor and the test both start and stop it
+        self.supervised = True  # restarted by the world's supervisor when it exits on its own
 
     def start(self) -> None:
         with self.lock:
-            self._start()
-
-    def _start(self) -> None:
-        env = self.world.env(
-            MILLSTREAM_WEB_PORT=str(self.web_port), MILLSTREAM_DATA_DIR=str(self.datadir), **self.overrides
-        )
-        self.starts += 1
-        self.expected_alive = True
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n===== start {self.starts} =====\n".encode())
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                cwd=Path(__file__).resolve().parents[2], start_new_session=True,
-            )  # fmt: skip
+            self.starts += 1
+            self.expected_alive = True
+            with open(self.log_path, "ab") as log:
+                log.write(f"\n===== start {self.starts} =====\n".encode())
+            super().start()
         atexit.register(self.stop, 5)
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        marker = f"===== start {self.starts} ====="
-        while time.monotonic() < deadline:
-            text = self.log_path.read_text(errors="replace")
-            if "[^Worker]: Ready" in text.rsplit(marker, 1)[-1]:
-                return
-            assert self.proc is not None and self.proc.poll() is None, f"worker exited:\n{self.tail()}"
-            time.sleep(0.2)
-        raise AssertionError(f"worker {self.index} not ready in {timeout}s:\n{self.tail()}")
+        """Until /readyz answers 200 (sinks connected, tables recovered), as Kubernetes probes."""
+        try:
+            super().wait_ready(timeout)
+        except RuntimeError as exc:
+            raise AssertionError(f"worker {self.index}: {exc}\n{self.tail()}") from None
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -178,23 +173,11 @@ class WorkerProcess:
         """SIGTERM by PID (graceful), SIGKILL if it lingers; returns the exit code."""
         with self.lock:
             self.expected_alive = False
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
+        return super().stop(timeout)
 
 
 async def create_topic(bootstrap: str, topic: str, partitions: int = PARTITIONS) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
-    finally:
-        await admin.close()
+    await create_topics([topic], partitions=partitions, bootstrap_servers=bootstrap)
 
 
 async def produce(

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from app.settings import settings_markdown
 from models.records import RejectReason
+from tests.support.helpers import ROOT
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+DOCS = ROOT / "docs"
 
 
 def block(page: str, name: str) -> str:

@@ -225,23 +225,16 @@ async def publish(
 ) -> int:
     """Send ``messages`` simulated messages to the telemetry topic; returns how many."""
     from aiokafka import AIOKafkaProducer
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
+
+    from app.tools.broker import create_topics
 
     options = kafka_client_options(kafka)
     if create_topic:
-        admin = AIOKafkaAdminClient(**options)
-        await admin.start()
-        try:
-            topic = NewTopic(
-                kafka.telemetry_topic, num_partitions=kafka.partitions, replication_factor=kafka.replication_factor
-            )
-            await admin.create_topics([topic])
+        created = await create_topics(
+            [kafka.telemetry_topic], partitions=kafka.partitions, replication_factor=kafka.replication_factor, **options
+        )
+        if created:
             progress(f"created topic {kafka.telemetry_topic} ({kafka.partitions} partitions)")
-        except TopicAlreadyExistsError:
-            pass
-        finally:
-            await admin.close()
     # Large enough for every message the simulator makes (twice max_message_bytes at most).
     producer = AIOKafkaProducer(linger_ms=5, acks="all", max_request_size=8 * 1024 * 1024, **options)
     try:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from app.local import histogram_quantile, metric_value
+from app.tools.local import histogram_quantile, metric_value
 
 SCRAPE = """# HELP millstream_ack_latency_seconds x
 # TYPE millstream_ack_latency_seconds histogram

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from app.broker import EmbeddedBroker
-from app.local import LocalWorker, metric_value
 from app.settings import KafkaSettings
-from app.simulator import Simulator, publish
+from app.tools.broker import EmbeddedBroker
+from app.tools.local import LocalWorker, metric_value
+from app.tools.simulator import Simulator, publish
 
 TOPIC = "telemetry"
 EXAMPLE_QUERIES = {

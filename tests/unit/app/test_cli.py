@@ -2,20 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MILLSTREAM_")}
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=60,
-        env={**clean, **env}, cwd=ROOT,
-    )  # fmt: skip
+from tests.support.helpers import run_cli as _run
 
 
 def test_help_lists_the_subcommands() -> None:

@@ -31,9 +31,8 @@ from agents.pipeline import Pipeline
 from agents.windows import WindowPolicy
 from models.decode import Decoder
 from models.records import RejectReason, SourceMessage
+from models.rows import AggregateBatch, RawBatch
 from sinks.base import RetryPolicy
-from sinks.clickhouse import RawBatch
-from sinks.scylla import AggregateBatch
 from tests.support.oracle import WindowRules, expected
 
 NOW_MS = 1_800_000_000_000

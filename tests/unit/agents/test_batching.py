@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from agents.batching import BatchCollector, InOrderWrites
+
+OnError = Callable[[BaseException], Awaitable[None]]
+
+
+@pytest.fixture
+def no_errors() -> Iterator[OnError]:
+    """An ``on_error`` that records what it hears; the test fails at teardown if it heard
+    anything (``pytest.fail`` as the callback would raise inside a task, where asyncio logs
+    the exception and the test passes anyway)."""
+    heard: list[BaseException] = []
+
+    async def record(exc: BaseException) -> None:
+        heard.append(exc)
+
+    yield record
+    assert not heard, f"on_error was called: {heard!r}"
 
 
 class FakeStream:
@@ -30,13 +47,13 @@ class FakeStream:
         return event
 
 
-async def test_full_batches_go_at_once_and_acks_are_left_to_the_caller() -> None:
+async def test_full_batches_go_at_once_and_acks_are_left_to_the_caller(no_errors: OnError) -> None:
     stream, batches = FakeStream(), []
 
     async def process(batch: list[Any]) -> None:
         batches.append(batch)
 
-    collector = BatchCollector(process, max_events=3, within_s=60, on_error=pytest.fail)
+    collector = BatchCollector(process, max_events=3, within_s=60, on_error=no_errors)
     for event in range(7):
         stream.queue.put_nowait(event)
     stream.queue.put_nowait(StopAsyncIteration)
@@ -45,13 +62,13 @@ async def test_full_batches_go_at_once_and_acks_are_left_to_the_caller() -> None
     assert stream.enable_acks is False  # faust must not ack as the loop moves on
 
 
-async def test_a_partial_batch_goes_once_its_first_event_is_old_enough() -> None:
+async def test_a_partial_batch_goes_once_its_first_event_is_old_enough(no_errors: OnError) -> None:
     stream, batches = FakeStream(), []
 
     async def process(batch: list[Any]) -> None:
         batches.append(batch)
 
-    collector = BatchCollector(process, max_events=100, within_s=0.2, on_error=pytest.fail)
+    collector = BatchCollector(process, max_events=100, within_s=0.2, on_error=no_errors)
     task = asyncio.ensure_future(collector.run(stream))
     stream.queue.put_nowait("a")
     stream.queue.put_nowait("b")
@@ -62,7 +79,7 @@ async def test_a_partial_batch_goes_once_its_first_event_is_old_enough() -> None
     task.cancel()
 
 
-async def test_batches_are_processed_one_at_a_time_in_order_while_reading_goes_on() -> None:
+async def test_batches_are_processed_one_at_a_time_in_order_while_reading_goes_on(no_errors: OnError) -> None:
     stream, order, running = FakeStream(), [], []
     release = asyncio.Event()
 
@@ -74,7 +91,7 @@ async def test_batches_are_processed_one_at_a_time_in_order_while_reading_goes_o
         order.append(batch)
         running.remove(batch)
 
-    collector = BatchCollector(process, max_events=2, within_s=0.05, on_error=pytest.fail)
+    collector = BatchCollector(process, max_events=2, within_s=0.05, on_error=no_errors)
     task = asyncio.ensure_future(collector.run(stream))
     for event in range(5):
         stream.queue.put_nowait(event)
@@ -124,14 +141,14 @@ async def test_a_failed_batch_is_reported_once_and_reading_stops() -> None:
     assert processed == [["a"]]  # nothing after the failed batch was processed
 
 
-async def test_cancelling_the_reader_cancels_the_batch_in_progress() -> None:
+async def test_cancelling_the_reader_cancels_the_batch_in_progress(no_errors: OnError) -> None:
     stream, started = FakeStream(), asyncio.Event()
 
     async def process(batch: list[Any]) -> None:
         started.set()
         await asyncio.sleep(60)
 
-    collector = BatchCollector(process, max_events=1, within_s=60, on_error=pytest.fail)
+    collector = BatchCollector(process, max_events=1, within_s=60, on_error=no_errors)
     task = asyncio.ensure_future(collector.run(stream))
     stream.queue.put_nowait("a")
     await started.wait()
@@ -141,10 +158,10 @@ async def test_cancelling_the_reader_cancels_the_batch_in_progress() -> None:
     assert batch is not None and batch.cancelled()  # un-acked: replayed by the next owner
 
 
-async def test_writes_run_one_at_a_time_in_order_while_the_caller_goes_on() -> None:
+async def test_writes_run_one_at_a_time_in_order_while_the_caller_goes_on(no_errors: OnError) -> None:
     log: list[str] = []
     gates = [asyncio.Event(), asyncio.Event()]
-    writes = InOrderWrites(on_error=pytest.fail)
+    writes = InOrderWrites(on_error=no_errors)
 
     def write(i: int) -> Any:
         async def run() -> None:
@@ -193,7 +210,7 @@ async def test_a_failed_write_is_reported_and_stops_the_next_one() -> None:
     assert acked == [] and [str(e) for e in reported] == ["fatal sink error"]
 
 
-async def test_cancel_abandons_the_write_in_flight() -> None:
+async def test_cancel_abandons_the_write_in_flight(no_errors: OnError) -> None:
     acked: list[str] = []
 
     async def slow() -> None:
@@ -202,7 +219,7 @@ async def test_cancel_abandons_the_write_in_flight() -> None:
     async def ack() -> None:
         acked.append("acked")
 
-    writes = InOrderWrites(on_error=pytest.fail)
+    writes = InOrderWrites(on_error=no_errors)
     await writes.submit(slow, ack)
     await writes.cancel()
     assert acked == []
@@ -210,7 +227,7 @@ async def test_cancel_abandons_the_write_in_flight() -> None:
         await writes.wait()
 
 
-async def test_a_batch_also_goes_when_its_bytes_reach_the_limit() -> None:
+async def test_a_batch_also_goes_when_its_bytes_reach_the_limit(no_errors: OnError) -> None:
     @dataclass
     class Message:
         value: bytes
@@ -224,7 +241,7 @@ async def test_a_batch_also_goes_when_its_bytes_reach_the_limit() -> None:
     async def process(batch: list[Any]) -> None:
         batches.append([len(e.message.value) for e in batch])
 
-    collector = BatchCollector(process, max_events=100, max_bytes=1000, within_s=60, on_error=pytest.fail)
+    collector = BatchCollector(process, max_events=100, max_bytes=1000, within_s=60, on_error=no_errors)
     for size in (400, 400, 300, 900, 50):
         stream.queue.put_nowait(Event(Message(b"x" * size)))
     stream.queue.put_nowait(StopAsyncIteration)

@@ -5,7 +5,7 @@ Same faust version, broker and topic as the pipeline run; no decoding, no state,
 as installed: what a plain faust agent gets) and ``tuned`` (with the faust changes the
 millstream worker makes: :mod:`app.faust_patches`, ``cython_optimizations`` and the larger
 stream buffer), so the bench can tell faust tuning apart from millstream's own overhead. Run
-as ``python -m app.bench_bare BOOTSTRAP TOPIC GROUP WEB_PORT DATA_DIR [stock|tuned]``; the
+as ``python -m app.tools.bench_bare BOOTSTRAP TOPIC GROUP WEB_PORT DATA_DIR [stock|tuned]``; the
 bench reads ``/count`` to time it exactly like it times the pipeline through ``/metrics``.
 """
 

@@ -81,6 +81,31 @@ class EmbeddedBroker:
         stop_process(self.proc, 10)
 
 
+async def create_topics(
+    names: list[str], *, partitions: int, replication_factor: int = 1, **client_options: object
+) -> list[str]:
+    """Create the topics that do not exist yet (aiokafka client options: bootstrap, TLS, SASL);
+    returns the names created."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(**client_options)
+    await admin.start()
+    created = []
+    try:
+        for name in names:
+            try:
+                await admin.create_topics(
+                    [NewTopic(name, num_partitions=partitions, replication_factor=replication_factor)]
+                )
+            except TopicAlreadyExistsError:
+                continue
+            created.append(name)
+    finally:
+        await admin.close()
+    return created
+
+
 def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
     """SIGTERM a child by PID, SIGKILL it if it is still there after ``timeout`` seconds."""
     if proc is not None and proc.poll() is None:

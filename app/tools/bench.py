@@ -26,14 +26,14 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.broker import EmbeddedBroker, free_port, stop_process
-from app.local import LocalWorker, cpu_seconds, histogram_quantile, metric_value, rss_mb
-from app.simulator import Simulator, send_paced
+from app.tools.broker import EmbeddedBroker, create_topics, free_port, stop_process
+from app.tools.local import LocalWorker, cpu_seconds, histogram_quantile, metric_value, rss_mb
+from app.tools.simulator import Simulator, send_paced
 
 POLL_S = 0.25  # worker /metrics scrapes: each costs the worker a little CPU
 BARE_POLL_S = 0.1  # the bare agents' /count costs nothing: finer timing for the shorter runs
@@ -105,17 +105,6 @@ def _messages(options: BenchOptions, *, batched: bool, count: int, seed: int) ->
         batch_size=options.batch_size if batched else 1, formats=("batched",) if batched else ("nested",),
     )  # fmt: skip
     return [(item[0], item[1]) for item in simulator.messages(count)]  # tidy: no record timestamps
-
-
-async def _create_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names])
-    finally:
-        await admin.close()
 
 
 async def _produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], rate: float | None) -> float:
@@ -220,17 +209,20 @@ class Bench:
     def __init__(self, options: BenchOptions, workdir: Path, say: Callable[[str], None]) -> None:
         self.options, self.workdir, self.say = options, workdir, say
         self.broker = EmbeddedBroker(workdir / "broker.log")
-        self.children: list[Callable[[], None]] = []
+        self.children: list[Callable[[], object]] = []  # what stops each child process
 
     def _clickhouse_url(self, phase: str) -> str:
         return self.options.clickhouse_url or f"chdb://{self.workdir / ('clickhouse-' + phase)}"
 
     def run(self) -> dict[str, Any]:
+        """Every phase, in the order they run and are reported: one long function on purpose, so
+        that what is measured, and in which order on the one machine, reads top to bottom."""
         o = self.options
         self.say(f"starting the bundled broker (tansu); work files in {self.workdir}")
         self.broker.start()
         bootstrap = self.broker.bootstrap
-        asyncio.run(_create_topics(bootstrap, ["bench-single", "bench-batched", "bench-live"], o.partitions))
+        topics = ["bench-single", "bench-batched", "bench-live"]
+        asyncio.run(create_topics(topics, partitions=o.partitions, bootstrap_servers=bootstrap))
         self.say(f"generating and producing {o.messages} single-reading messages from {o.devices} devices")
         single = _messages(o, batched=False, count=o.messages, seed=1)
         produce_rate = asyncio.run(_produce(bootstrap, "bench-single", single, None))
@@ -317,8 +309,8 @@ class Bench:
         port = free_port()
         with open(self.workdir / "bare.log", "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "app.bench_bare", bootstrap, "bench-single", f"bench-bare-{shape}", str(port),
-                 str(self.workdir / f"bare-{shape}"), shape],
+                [sys.executable, "-m", "app.tools.bench_bare", bootstrap, "bench-single", f"bench-bare-{shape}",
+                 str(port), str(self.workdir / f"bare-{shape}"), shape],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         self.children.append(lambda: stop_process(proc, 30))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from models.decode import Decoder
 from models.records import Rejection
-from tests.chaos.poison import KINDS, LIMIT, poison
+from tests.support.poison import KINDS, LIMIT, poison
 
 
 def test_every_poison_message_is_rejected_with_a_reason() -> None:

@@ -15,10 +15,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from app.broker import free_port, stop_process
+from app.tools.broker import free_port, stop_process
+
+
+def without_settings(settings: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without its ``MILLSTREAM_*`` variables, plus ``settings``:
+    a child runs exactly the configuration it is given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MILLSTREAM_")}
+    env.update(settings or {})
+    return env
 
 
 def metric_value(text: str, name: str, labels: str = "") -> float:
@@ -67,45 +75,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class LocalWorker:
-    """``python -m app.cli worker`` with explicit settings, logs in ``workdir/<name>.log``."""
+class WorkerChild:
+    """``python -m app.cli worker`` as a child process, started with exactly the ``MILLSTREAM_*``
+    settings it is given (nothing inherited), logging to ``log_path``, watched through its own
+    pages (``/readyz``, ``/metrics``) as an operator would, and stopped by PID."""
 
     def __init__(
-        self,
-        *,
-        name: str,
-        workdir: Path,
-        bootstrap: str,
-        topic: str,
-        clickhouse_url: str,
-        settings: dict[str, str] | None = None,
-    ) -> None:
-        self.name, self.workdir = name, workdir
-        self.web_port = free_port()
-        self.log_path = workdir / f"{name}.log"
+        self, *, name: str, log_path: Path, settings: Mapping[str, str], web_port: int,
+        cwd: Path | None = None, new_session: bool = False,
+    ) -> None:  # fmt: skip
+        self.name, self.log_path, self.web_port = name, log_path, web_port
+        self.settings = dict(settings)  # full variable names, MILLSTREAM_...
+        self.cwd, self.new_session = cwd, new_session
         self.proc: subprocess.Popen[bytes] | None = None
-        self.settings = {
-            "KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-            "KAFKA__TELEMETRY_TOPIC": topic,
-            "KAFKA__DLQ_TOPIC": f"{topic}-dlq",
-            "KAFKA__CONSUMER_GROUP": f"millstream-{name}",
-            "KAFKA__REPLICATION_FACTOR": "1",
-            "KAFKA__SESSION_TIMEOUT_S": "10",
-            "KAFKA__REQUEST_TIMEOUT_S": "30",
-            "CLICKHOUSE__URL": clickhouse_url,
-            "SCYLLA__ENABLED": "false",
-            "STORE": "rocksdb",  # what production runs (deploy/base/configmap.yaml)
-            "DATA_DIR": str(workdir / name),
-            "WEB_HOST": "127.0.0.1",
-            "WEB_PORT": str(self.web_port),
-            "LOG_LEVEL": "warning",
-            **(settings or {}),
-        }
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MILLSTREAM_")}
-        env.update({f"MILLSTREAM_{key}": value for key, value in self.settings.items()})
-        return env
+        return without_settings(self.settings)
 
     @property
     def pid(self) -> int:
@@ -115,8 +100,9 @@ class LocalWorker:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "worker"], env=self.env(), stdout=log, stderr=subprocess.STDOUT
-            )
+                [sys.executable, "-m", "app.cli", "worker"], env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.cwd, start_new_session=self.new_session,
+            )  # fmt: skip
 
     def check_alive(self) -> None:
         assert self.proc is not None
@@ -178,5 +164,40 @@ class LocalWorker:
             time.sleep(interval)
         raise RuntimeError(f"the worker did not ack {total} messages within {timeout:.0f}s; see {self.log_path}")
 
-    def stop(self) -> None:
-        stop_process(self.proc, 30)
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM by PID, SIGKILL if it lingers; the exit code (None if never started)."""
+        stop_process(self.proc, timeout)
+        return None if self.proc is None else self.proc.returncode
+
+
+class LocalWorker(WorkerChild):
+    """A worker for the demo and the benchmark: the bundled broker, one ClickHouse, no ScyllaDB,
+    production state (RocksDB), its own port and data directory under ``workdir``."""
+
+    def __init__(
+        self, *, name: str, workdir: Path, bootstrap: str, topic: str, clickhouse_url: str,
+        settings: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        self.workdir = workdir
+        port = free_port()
+        defaults = {
+            "KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            "KAFKA__TELEMETRY_TOPIC": topic,
+            "KAFKA__DLQ_TOPIC": f"{topic}-dlq",
+            "KAFKA__CONSUMER_GROUP": f"millstream-{name}",
+            "KAFKA__REPLICATION_FACTOR": "1",
+            "KAFKA__SESSION_TIMEOUT_S": "10",
+            "KAFKA__REQUEST_TIMEOUT_S": "30",
+            "CLICKHOUSE__URL": clickhouse_url,
+            "SCYLLA__ENABLED": "false",
+            "STORE": "rocksdb",  # what production runs (deploy/base/configmap.yaml)
+            "DATA_DIR": str(workdir / name),
+            "WEB_HOST": "127.0.0.1",
+            "WEB_PORT": str(port),
+            "LOG_LEVEL": "warning",
+            **(settings or {}),
+        }
+        super().__init__(
+            name=name, log_path=workdir / f"{name}.log", web_port=port,
+            settings={f"MILLSTREAM_{key}": value for key, value in defaults.items()},
+        )  # fmt: skip

@@ -11,9 +11,8 @@ from agents.pipeline import Pipeline, PipelineHalted
 from agents.windows import ApplyResult, DeviceState, WindowKey, WindowPolicy
 from models.decode import Decoder
 from models.records import Reading, RejectReason, SourceMessage
+from models.rows import AggregateBatch, RawBatch
 from sinks.base import FatalSinkError, RetriableSinkError, RetryPolicy
-from sinks.clickhouse import RawBatch
-from sinks.scylla import AggregateBatch
 
 NOW = 1_705_314_600.0
 T0 = int(NOW * 1000) - 30_000
@@ -156,9 +155,21 @@ async def test_retriable_errors_retry_the_same_batch_then_succeed() -> None:
 
 
 async def test_fatal_error_raises_and_nothing_is_reported_written() -> None:
-    pipeline = make(raw=RecordingSink("clickhouse", [FatalSinkError("UNKNOWN_TABLE")]))
+    raw, agg = RecordingSink("clickhouse", [FatalSinkError("UNKNOWN_TABLE")]), RecordingSink("scylla")
+    pipeline = make(raw, agg)
+    committed: list[object] = []
+
+    async def commit(outcome: object) -> None:
+        committed.append(outcome)
+
+    await pipeline.submit([good(0)], commit)
     with pytest.raises(FatalSinkError, match="UNKNOWN_TABLE"):  # itself, not wrapped in an ExceptionGroup
-        await pipeline.process([good(0)])
+        await pipeline.drain()
+    assert committed == [] and raw.writes == []  # the commit never ran; ClickHouse has nothing
+    assert pipeline.written == {}  # nor does the pipeline count the batch as written
+    with pytest.raises(FatalSinkError):  # and nothing after it is written either
+        await pipeline.submit([good(1, T0 + 1000)], commit)
+    assert committed == []
 
 
 async def test_exhausted_retries_become_fatal() -> None:

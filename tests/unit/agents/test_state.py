@@ -16,7 +16,7 @@ import faust
 import pytest
 from faust.streams import _current_event
 
-from agents.ingest import STATE_TABLE, TableStateStore, bytes_table
+from agents.state import STATE_TABLE, TableStateStore, bytes_table
 from app.settings import Settings
 from models.records import SourceMessage
 

@@ -1,435 +1,51 @@
-"""A CQL native-protocol v4 server for tests: the stand-in for ScyllaDB, which cannot run here.
-
-The real ``cassandra-driver`` talks to it over TCP. It implements:
-
-- the handshake: OPTIONS/SUPPORTED, STARTUP/READY, REGISTER; a client asking for a newer
-  protocol version gets the "unsupported protocol version" error and downgrades to v4;
-- ``system.local`` (cluster name, Murmur3 partitioner, one token, release_version 3.11.x,
-  schema_version), ``system.peers`` (empty), ``system.peers_v2`` (an error, as on Cassandra 3.x
-  and Scylla), and empty results for ``system_schema.*`` so the driver's metadata refresh succeeds;
-- QUERY, PREPARE, EXECUTE, BATCH (logged/unlogged, mixed string and prepared statements);
-- a CQL subset: CREATE/DROP KEYSPACE, CREATE/DROP TABLE (with ``IF [NOT] EXISTS`` and
-  ``CLUSTERING ORDER BY``), TRUNCATE, USE, INSERT, UPDATE ... SET ... WHERE <full key>,
-  DELETE FROM ... WHERE <full key>, SELECT cols|*|COUNT(*) ... [WHERE c = v AND ...] [LIMIT n];
-  INSERT and UPDATE are upserts on the primary key, as on a real server, and every cell keeps
-  its write timestamp (``USING TIMESTAMP``, else the client's default timestamp, else server
-  time): a write older than the cell's timestamp is ignored (last write wins);
-- every bound value and literal is decoded and validated against its column's type; a wrong
-  one is an ``InvalidRequest`` error, as from a server; missing key columns are rejected;
-- fault injection switchable from a test (:class:`Faults`): write timeout, read timeout,
-  unavailable, overloaded, dropped connection, slow responses; for a number of requests or a
-  time span.
-
-It does not implement: authentication, compression, paging (all rows come in one page),
-TTL expiry, lightweight transactions (``IF NOT EXISTS`` on INSERT is ignored), counters, range tombstones,
-user-defined types, tuples, secondary indexes, materialized views, ``IN``/range restrictions,
-ORDER BY in SELECT, consistency levels (all accepted), several nodes, shard awareness,
-protocol v5 framing. Rows are kept in memory only.
-"""
+"""The server: connections, frames, requests, and the CQL statements run against the store."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ipaddress
-import re
 import struct
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
-# ---------------------------------------------------------------- protocol constants
-OP_ERROR, OP_STARTUP, OP_READY, OP_OPTIONS, OP_SUPPORTED = 0x00, 0x01, 0x02, 0x05, 0x06
-OP_QUERY, OP_RESULT, OP_PREPARE, OP_EXECUTE, OP_REGISTER, OP_BATCH = 0x07, 0x08, 0x09, 0x0A, 0x0B, 0x0D
-
-ERR_SERVER, ERR_PROTOCOL, ERR_UNAVAILABLE, ERR_OVERLOADED = 0x0000, 0x000A, 0x1000, 0x1001
-ERR_WRITE_TIMEOUT, ERR_READ_TIMEOUT, ERR_SYNTAX, ERR_INVALID = 0x1100, 0x1200, 0x2000, 0x2200
-ERR_ALREADY_EXISTS, ERR_UNPREPARED = 0x2400, 0x2500
-
-# type name -> (option id, fixed width or None)
-SIMPLE_TYPES: dict[str, tuple[int, int | None]] = {
-    "ascii": (0x0001, None), "bigint": (0x0002, 8), "blob": (0x0003, None), "boolean": (0x0004, 1),
-    "decimal": (0x0006, None), "double": (0x0007, 8), "float": (0x0008, 4), "int": (0x0009, 4),
-    "timestamp": (0x000B, 8), "uuid": (0x000C, 16), "text": (0x000D, None), "varchar": (0x000D, None),
-    "varint": (0x000E, None), "timeuuid": (0x000F, 16), "inet": (None, None), "date": (0x0011, 4),
-    "time": (0x0012, 8), "smallint": (0x0013, 2), "tinyint": (0x0014, 1),
-}  # fmt: skip
-SIMPLE_TYPES["inet"] = (0x0010, None)
-COLLECTIONS = {"list": 0x0020, "map": 0x0021, "set": 0x0022}
-
-
-class CqlError(Exception):
-    """An error the server answers with: code, message and the extra body some codes carry."""
-
-    def __init__(self, code: int, message: str, extra: bytes = b"") -> None:
-        super().__init__(message)
-        self.code, self.message, self.extra = code, message, extra
-
-
-def invalid(message: str) -> CqlError:
-    return CqlError(ERR_INVALID, message)
-
-
-# ---------------------------------------------------------------- wire encoding
-def _short(n: int) -> bytes:
-    return struct.pack(">H", n)
-
-
-def _int(n: int) -> bytes:
-    return struct.pack(">i", n)
-
-
-def _string(s: str) -> bytes:
-    raw = s.encode()
-    return _short(len(raw)) + raw
-
-
-def _bytes(b: bytes | None) -> bytes:
-    return _int(-1) if b is None else _int(len(b)) + b
-
-
-class Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise CqlError(ERR_PROTOCOL, "truncated message body")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def byte(self) -> int:
-        return self.take(1)[0]
-
-    def short(self) -> int:
-        return int(struct.unpack(">H", self.take(2))[0])
-
-    def int(self) -> int:
-        return int(struct.unpack(">i", self.take(4))[0])
-
-    def string(self) -> str:
-        return self.take(self.short()).decode()
-
-    def long_string(self) -> str:
-        return self.take(self.int()).decode()
-
-    def short_bytes(self) -> bytes:
-        return self.take(self.short())
-
-    def value(self) -> bytes | object | None:
-        n = self.int()
-        if n == -1:
-            return None
-        if n == -2:
-            return UNSET
-        return self.take(n)
-
-    def string_map(self) -> dict[str, str]:
-        return {self.string(): self.string() for _ in range(self.short())}
-
-
-UNSET = object()
-
-
-# ---------------------------------------------------------------- CQL types
-@dataclass(frozen=True)
-class CqlType:
-    name: str
-    params: tuple[CqlType, ...] = ()
-
-    def __str__(self) -> str:
-        return f"{self.name}<{', '.join(map(str, self.params))}>" if self.params else self.name
-
-    def option(self) -> bytes:
-        if self.name in COLLECTIONS:
-            return _short(COLLECTIONS[self.name]) + b"".join(p.option() for p in self.params)
-        option_id = SIMPLE_TYPES[self.name][0]
-        assert option_id is not None
-        return _short(option_id)
-
-    def validate(self, raw: bytes, column: str) -> Any:
-        """Decode ``raw`` as this type, raising InvalidRequest the way a server does."""
-        if self.name in COLLECTIONS:
-            reader = Reader(raw)
-            try:
-                count = reader.int()
-                items = []
-                for _ in range(count * (2 if self.name == "map" else 1)):
-                    items.append(reader.value())
-            except CqlError:
-                raise invalid(f"Invalid {self.name} value for column {column}") from None
-            if reader.pos != len(raw) or any(not isinstance(i, bytes) for i in items):
-                raise invalid(f"Invalid {self.name} value for column {column}")
-            kinds = self.params * len(items) if self.name != "map" else self.params * count
-            return [kind.validate(item, column) for kind, item in zip(kinds, items, strict=False)]
-        width = SIMPLE_TYPES[self.name][1]
-        if width is not None and len(raw) != width:
-            raise invalid(f"Expected {width} or 0 byte {self.name} for column {column} ({len(raw)})")
-        if self.name in ("text", "varchar"):
-            try:
-                return raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise invalid(f"Invalid UTF-8 bytes for column {column}") from None
-        if self.name == "ascii":
-            if not raw.isascii():
-                raise invalid(f"Invalid byte for ascii for column {column}")
-            return raw.decode()
-        if self.name in ("int", "bigint", "smallint", "tinyint", "timestamp", "time", "varint"):
-            return int.from_bytes(raw, "big", signed=True)
-        if self.name == "date":
-            return int.from_bytes(raw, "big", signed=False)
-        if self.name in ("double", "float"):
-            return struct.unpack(">d" if width == 8 else ">f", raw)[0]
-        if self.name == "boolean":
-            return raw != b"\x00"
-        if self.name in ("uuid", "timeuuid"):
-            return uuid.UUID(bytes=raw)
-        if self.name == "inet":
-            if len(raw) not in (4, 16):
-                raise invalid(f"Invalid inet value for column {column}")
-            return ipaddress.ip_address(raw)
-        return raw  # blob, decimal: any bytes
-
-    def encode_literal(self, token: Token, column: str) -> bytes:
-        """Turn a CQL literal into the value bytes, rejecting a literal of the wrong kind."""
-        kind, text = token.kind, token.text
-        ints = {"bigint": ">q", "int": ">i", "smallint": ">h", "tinyint": ">b", "timestamp": ">q"}
-
-        def reject() -> CqlError:
-            return invalid(f'Invalid {kind.upper()} constant ({text}) for "{column}" of type {self}')
-
-        if self.name in ints and kind == "integer":
-            try:
-                return struct.pack(ints[self.name], int(text))
-            except struct.error:
-                raise reject() from None
-        if self.name in ("double", "float") and kind in ("integer", "float"):
-            return struct.pack(">d" if self.name == "double" else ">f", float(text))
-        if self.name == "varint" and kind == "integer":
-            n = int(text)
-            return n.to_bytes(max(1, (n.bit_length() + 8) // 8), "big", signed=True)
-        if self.name in ("text", "varchar", "ascii") and kind == "string":
-            raw = text.encode()
-            if self.name == "ascii" and not raw.isascii():
-                raise reject()
-            return raw
-        if self.name == "boolean" and kind == "ident" and text.lower() in ("true", "false"):
-            return b"\x01" if text.lower() == "true" else b"\x00"
-        if self.name in ("uuid", "timeuuid") and kind in ("uuid",):
-            return uuid.UUID(text).bytes
-        if self.name == "timestamp" and kind == "string":
-            try:
-                from datetime import datetime
-
-                stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
-                return struct.pack(">q", int(stamp.timestamp() * 1000))
-            except ValueError:
-                raise reject() from None
-        if self.name == "blob" and kind == "blob":
-            return bytes.fromhex(text[2:])
-        raise reject()
-
-
-def parse_type(tokens: Tokens) -> CqlType:
-    name = tokens.ident().lower()
-    if name == "frozen":
-        tokens.expect("<")
-        inner = parse_type(tokens)
-        tokens.expect(">")
-        return inner
-    if name in COLLECTIONS:
-        tokens.expect("<")
-        params = [parse_type(tokens)]
-        while tokens.accept(","):
-            params.append(parse_type(tokens))
-        tokens.expect(">")
-        if len(params) != (2 if name == "map" else 1):
-            raise CqlError(ERR_SYNTAX, f"bad number of type parameters for {name}")
-        return CqlType(name, tuple(params))
-    if name not in SIMPLE_TYPES:
-        raise CqlError(ERR_SYNTAX, f"Unknown type {name}")
-    return CqlType("text" if name == "varchar" else name)
-
-
-# ---------------------------------------------------------------- CQL tokenizer
-TOKEN_RE = re.compile(
-    r"""\s*(?:
-      (?P<string>'(?:[^']|'')*')
-    | (?P<uuid>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})
-    | (?P<blob>0[xX][0-9a-fA-F]*)
-    | (?P<float>-?(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|-?\d+[eE][+-]?\d+|NaN|-?Infinity)
-    | (?P<integer>-?\d+)
-    | (?P<qident>"(?:[^"]|"")+")
-    | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
-    | (?P<symbol>[(),;=*.?<>{}:\[\]+-])
-    )""",
-    re.VERBOSE,
+from tests.support.cql.faults import Faults
+from tests.support.cql.parser import Tokens
+from tests.support.cql.protocol import (
+    ERR_ALREADY_EXISTS,
+    ERR_OVERLOADED,
+    ERR_PROTOCOL,
+    ERR_READ_TIMEOUT,
+    ERR_SYNTAX,
+    ERR_UNAVAILABLE,
+    ERR_UNPREPARED,
+    ERR_WRITE_TIMEOUT,
+    OP_BATCH,
+    OP_ERROR,
+    OP_EXECUTE,
+    OP_OPTIONS,
+    OP_PREPARE,
+    OP_QUERY,
+    OP_READY,
+    OP_REGISTER,
+    OP_RESULT,
+    OP_STARTUP,
+    OP_SUPPORTED,
+    UNSET,
+    CqlError,
+    DropConnection,
+    Reader,
+    _bytes,
+    _int,
+    _short,
+    _string,
+    invalid,
 )
+from tests.support.cql.store import Prepared, Table
+from tests.support.cql.types import COLLECTIONS, CqlType, parse_type
 
-
-@dataclass(frozen=True)
-class Token:
-    kind: str
-    text: str
-
-
-class Tokens:
-    def __init__(self, query: str) -> None:
-        self.items: list[Token] = []
-        pos, query = 0, query.strip().rstrip(";").strip()
-        while pos < len(query):
-            match = TOKEN_RE.match(query, pos)
-            if not match or match.end() == pos:
-                raise CqlError(ERR_SYNTAX, f"line 1:{pos} no viable alternative at input {query[pos : pos + 10]!r}")
-            kind = match.lastgroup or "symbol"
-            text = match.group(kind)
-            if kind == "string":
-                text = text[1:-1].replace("''", "'")
-            elif kind == "qident":
-                kind, text = "ident", text[1:-1].replace('""', '"')
-            self.items.append(Token(kind, text))
-            pos = match.end()
-        self.pos = 0
-        self.markers = 0
-
-    def peek(self, offset: int = 0) -> Token | None:
-        index = self.pos + offset
-        return self.items[index] if index < len(self.items) else None
-
-    def next(self) -> Token:
-        token = self.peek()
-        if token is None:
-            raise CqlError(ERR_SYNTAX, "unexpected end of statement")
-        self.pos += 1
-        return token
-
-    def accept(self, *words: str) -> bool:
-        for offset, word in enumerate(words):
-            token = self.peek(offset)
-            if token is None or token.text.lower() != word.lower() or token.kind not in ("ident", "symbol"):
-                return False
-        self.pos += len(words)
-        return True
-
-    def expect(self, *words: str) -> None:
-        if not self.accept(*words):
-            found = self.peek()
-            raise CqlError(ERR_SYNTAX, f"expected {' '.join(words)!r}, found {found.text if found else 'end'!r}")
-
-    def ident(self) -> str:
-        token = self.next()
-        if token.kind != "ident":
-            raise CqlError(ERR_SYNTAX, f"expected a name, found {token.text!r}")
-        return token.text
-
-    def done(self) -> bool:
-        return self.pos >= len(self.items)
-
-    def skip_rest(self) -> None:
-        self.pos = len(self.items)
-
-
-# ---------------------------------------------------------------- schema and data
-@dataclass
-class Table:
-    keyspace: str
-    name: str
-    columns: dict[str, CqlType]
-    partition_key: list[str]
-    clustering: list[str]
-    descending: set[str] = field(default_factory=set)
-    rows: dict[tuple[bytes, ...], dict[str, bytes]] = field(default_factory=dict)
-    stamps: dict[tuple[bytes, ...], dict[str, int]] = field(default_factory=dict)  # write time per cell
-
-    @property
-    def primary_key(self) -> list[str]:
-        return self.partition_key + self.clustering
-
-    def column(self, name: str) -> CqlType:
-        key = name if name in self.columns else name.lower()
-        if key not in self.columns:
-            raise invalid(f"Undefined column name {name} in table {self.keyspace}.{self.name}")
-        return self.columns[key]
-
-    def sort_key(self, row: dict[str, bytes]) -> tuple[Any, ...]:
-        key: list[Any] = [tuple(row[c] for c in self.partition_key)]
-        for name in self.clustering:
-            value = self.columns[name].validate(row[name], name)
-            key.append(_Reverse(value) if name in self.descending else value)
-        return tuple(key)
-
-
-class _Reverse:
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __lt__(self, other: _Reverse) -> bool:
-        return bool(other.value < self.value)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Reverse) and other.value == self.value
-
-
-@dataclass
-class Prepared:
-    query: str
-    markers: list[tuple[str, CqlType]]  # (column, type) per bind marker, in order
-    table: Table | None
-    result_columns: list[tuple[str, CqlType]]
-
-
-@dataclass
-class Faults:
-    """Switchable fault injection. ``kind`` is one of KINDS; ``scope`` 'writes' or 'all'."""
-
-    KINDS = ("write_timeout", "read_timeout", "unavailable", "overloaded", "drop", "delay")
-    kind: str | None = None
-    remaining: int | None = None  # requests still to fail; None = no count limit
-    until: float | None = None  # monotonic deadline; None = no time limit
-    delay_s: float = 0.0
-    scope: str = "writes"
-    injected: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def inject(
-        self, kind: str, *, count: int | None = None, seconds: float | None = None,
-        delay_s: float = 0.0, scope: str = "writes",
-    ) -> None:  # fmt: skip
-        if kind not in self.KINDS:
-            raise ValueError(f"unknown fault {kind!r}; one of {self.KINDS}")
-        with self.lock:
-            self.kind, self.remaining, self.delay_s, self.scope = kind, count, delay_s, scope
-            self.until = None if seconds is None else time.monotonic() + seconds
-
-    def clear(self) -> None:
-        with self.lock:
-            self.kind, self.remaining, self.until = None, None, None
-
-    def take(self, is_write: bool) -> tuple[str, float] | None:
-        """The fault to apply to this request, if any (and count it)."""
-        with self.lock:
-            if self.kind is None or (self.scope == "writes" and not is_write):
-                return None
-            if self.until is not None and time.monotonic() >= self.until:
-                self.kind = None
-                return None
-            if self.remaining is not None:
-                if self.remaining <= 0:
-                    self.kind = None
-                    return None
-                self.remaining -= 1
-            self.injected += 1
-            return self.kind, self.delay_s
-
-
-class DropConnection(Exception):
-    """Close the client's connection without answering."""
-
-
-# ---------------------------------------------------------------- the server
 SYSTEM_LOCAL = [
     ("key", "text"), ("bootstrapped", "text"), ("broadcast_address", "inet"), ("cluster_name", "text"),
     ("cql_version", "text"), ("data_center", "text"), ("host_id", "uuid"), ("listen_address", "inet"),
@@ -1098,7 +714,7 @@ class CqlServer:
 
 
 def main() -> None:
-    """Run the server in the foreground: ``python -m tests.support.cql_server --port 19042``."""
+    """Run the server in the foreground: ``python -m tests.support.cql.server --port 19042``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
