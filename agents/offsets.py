@@ -14,12 +14,18 @@ faust 0.15's own bookkeeping can commit past a record nobody processed, or stop 
 So for the source topic the gate
 
 1. lets faust's drain deliver every record it fetches (no drop, no synthetic gap);
-2. admits events strictly in offset order from the broker's committed offset. An offset below
-   the next one expected was delivered again and is skipped. An offset above it is a gap: the
-   broker is asked directly (a plain consumer reading at the missing offset) whether the
-   missing records exist. If they do not (transaction markers, compaction, retention), the
-   gap is real and skipped, counted in ``millstream_skipped_offsets_total``. If they do, the
-   partition is sought back and events are skipped until the missing record arrives;
+2. admits events strictly in offset order from the broker's committed offset (else the first
+   offset), and seeks every newly assigned partition there itself: after a rebalance faust
+   seeks only partitions with a committed offset and drops the events it had buffered, so a
+   partition nobody had committed yet was never read again and its worker idled for good
+   (found by the kill -9 test: the restarted worker joined twice). An offset below the next
+   one expected was delivered again and is skipped. An offset above it is a gap: the broker
+   is asked directly (a plain consumer reading at the missing offset) whether the missing
+   records exist. If they do not (transaction markers, compaction, retention), the gap is real
+   and skipped, counted in ``millstream_skipped_offsets_total``. If they do, the partition is
+   sought back and events are skipped until the missing record arrives. :meth:`watch`, run
+   every few seconds, learns partitions no event has arrived for and seeks again where a
+   re-read has not arrived;
 3. answers faust's commit with the offset after the last admitted event whose writes have
    finished. faust's acks then only tell it that an event is done (for its shutdown and
    rebalance waits); they never decide what is committed.
@@ -111,6 +117,7 @@ class OffsetGate:
         self.rewinding: dict[Any, float] = {}  # tp -> when it was last sought back to next_offset
         self.committable: dict[Any, int] = {}  # tp -> everything below is written
         self._faust_new_offset: Callable[[Any], int | None] | None = None
+        self._preparing = asyncio.Lock()  # prepare() runs from batches and from watch()
 
     def attach(self, app: Any) -> None:
         """Install on every consumer ``app`` builds, before faust's fetcher starts."""
@@ -160,7 +167,11 @@ class OffsetGate:
         Asked of the broker, not of faust's consumer state, which right after an assignment
         may not be filled in yet while records already flow.
         """
-        new = set(tps) - self.next_offset.keys()
+        async with self._preparing:
+            await self._prepare(set(tps))
+
+    async def _prepare(self, tps: set[Any]) -> None:
+        new = tps - self.next_offset.keys()
         if not new:
             return
         generation = self.generation
@@ -178,6 +189,18 @@ class OffsetGate:
             # (a lower start replays idempotently; faust never commits below its own).
             sought = self.consumer._committed_offset.get(tp)
             log.info("%s starts at offset %s (committed: %s; faust sought to %s)", tp, offset, committed, sought)
+            # Read it from there whatever faust's fetcher did: harmless when faust sought there
+            # too (the records it delivered again are skipped as below the expected offset).
+            await self.consumer.seek(tp, offset)
+
+    async def watch(self, tps: Iterable[Any]) -> None:
+        """Every few seconds: learn the assigned partitions no event has arrived for yet (and
+        seek them to their start), and seek again where a re-read has not arrived."""
+        await self.prepare(tp for tp in tps if tp.topic == self.topic)
+        for tp, since in list(self.rewinding.items()):
+            if self.clock() - since > RESEEK_AFTER_S and tp in self.next_offset:
+                log.warning("%s: offset %s has not arrived after a seek; seeking again", tp, self.next_offset[tp])
+                await self._seek(tp, self.next_offset[tp])
 
     async def _committed(self, tp: Any) -> int | None:
         # faust runs aiokafka in its own thread; ask that consumer, on that thread.

@@ -25,6 +25,7 @@ from models.rows import AggregateBatch, LatestRow, RawBatch, RawRow, WindowRow
 from sinks.base import RetryPolicy, Sink
 
 MAX_FACTORY_LABELS = 200
+ACK_WAIT_LOG_S = 30.0  # a batch waiting this long for its changelog acknowledgements is logged
 INTERNAL_ERROR_DETAIL = 500  # characters of an isolated exception kept in the DLQ detail header
 
 
@@ -239,7 +240,7 @@ class Pipeline:
         outcome, valid, raw, aggregates = prepared.outcome, prepared.valid, prepared.raw, prepared.aggregates
         await self._write_both(raw, aggregates)
         if prepared.changelog:
-            await asyncio.gather(*prepared.changelog)  # a failed record raises: nothing is committed
+            await self._acknowledged(prepared.changelog)
         written = self.written
         for message in valid:
             where = (message.topic, message.partition)
@@ -259,6 +260,22 @@ class Pipeline:
                 metrics.FACTORY_NEWEST_EVENT.labels(factory=self._factory_label(factory)).set(event_ms / 1000)
             metrics.NEWEST_EVENT.set(max(newest.values()) / 1000)
         return outcome
+
+    async def _acknowledged(self, records: list[Awaitable[object]]) -> None:
+        """Until the broker has every changelog record of the batch; a failed one raises, and
+        nothing is committed. Says so every ACK_WAIT_LOG_S while it waits: a silent stall
+        would look like a healthy, idle worker."""
+        waiting = asyncio.ensure_future(asyncio.gather(*records))
+        started = time.monotonic()
+        while True:
+            done, _ = await asyncio.wait([waiting], timeout=ACK_WAIT_LOG_S)
+            if done:
+                waiting.result()
+                return
+            pending = [r for r in records if not (isinstance(r, asyncio.Future) and r.done())]
+            where = sorted({str(getattr(getattr(r, "message", None), "channel", "?")) for r in pending})[:5]
+            log.warning("waited %.0fs for %d of %d changelog acknowledgements (%s); nothing is committed meanwhile",
+                        time.monotonic() - started, len(pending), len(records), ", ".join(where))  # fmt: skip
 
     async def _write_both(self, raw: RawBatch, aggregates: AggregateBatch) -> None:
         """Both sinks at once; the first failure cancels the other write and is raised as it

@@ -29,6 +29,11 @@ def register(app: faust.App, settings: Settings, gate: OffsetGate) -> None:
     app.on_partitions_assigned.connect(assigned)  # type: ignore[arg-type]
 
     @app.timer(5.0)  # type: ignore[untyped-decorator]
+    async def watch_offsets() -> None:
+        # Partitions assigned but silent, and re-reads that never arrived (agents/offsets.py).
+        await gate.watch(app.consumer.assignment())
+
+    @app.timer(5.0)  # type: ignore[untyped-decorator]
     async def report_lag() -> None:
         # High-water from the last fetch response (tansu answers ListOffsets wrongly for
         # batched records, fetch responses right), committed from faust's own bookkeeping.

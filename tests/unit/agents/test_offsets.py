@@ -39,6 +39,7 @@ class FakeConsumer:
 
     commits: dict[TP, int] = field(default_factory=dict)
     seeks: list[tuple[TP, int]] = field(default_factory=list)
+    start_seeks: list[tuple[TP, int]] = field(default_factory=list)  # set apart by admit() below
     _read_offset: defaultdict[TP, int | None] = field(default_factory=lambda: defaultdict(lambda: None))
     _acked: defaultdict[TP, list[int]] = field(default_factory=lambda: defaultdict(list))
     _acked_index: defaultdict[TP, set[int]] = field(default_factory=lambda: defaultdict(set))
@@ -99,7 +100,11 @@ def gate_with(commits: dict[TP, int], probe: FakeProbe | None = None) -> tuple[O
 
 
 async def admit(gate: OffsetGate, evs: list[Ev]) -> tuple[list[tuple[TP, int]], list[tuple[TP, int]]]:
+    consumer = gate.consumer
+    before = len(consumer.seeks)
     await gate.prepare({e.message.tp for e in evs})
+    consumer.start_seeks += consumer.seeks[before:]  # to where each new partition starts
+    del consumer.seeks[before:]
     admitted, skipped = await gate.admit(evs, gate.generation)
     return offsets(admitted), offsets(skipped)
 
@@ -207,3 +212,36 @@ async def test_a_rebalance_starts_over_from_the_committed_offset_and_voids_older
     assert stale == [] and offsets(skipped) == [(A, 3)]
     admitted, _ = await admit(gate, events(A, 1, 2))
     assert admitted == [(A, 1), (A, 2)]
+
+
+async def test_each_new_partition_is_sought_to_where_it_starts() -> None:
+    gate, consumer, _ = gate_with({A: 228})
+    await gate.prepare([A, B])
+    assert sorted(consumer.seeks) == [(A, 228), (B, 0)]  # committed, else the first offset
+    await gate.prepare([A, B])
+    assert len(consumer.seeks) == 2  # once per assignment
+
+
+async def test_watch_reads_a_silent_partition_from_its_start_after_a_rebalance() -> None:
+    """Regression: after a rebalance faust seeks only partitions with a committed offset and
+    drops the events it had buffered; one nobody had committed yet was never delivered again,
+    no event arrived to show the gap, and the worker idled for good."""
+    gate, consumer, _ = gate_with({})
+    admitted, _ = await admit(gate, events(A, 0, 1, 2))
+    assert admitted == [(A, 0), (A, 1), (A, 2)]  # processed, not yet written: nothing committed
+    gate.reset()  # the rebalance; faust drops the rest of what it had fetched
+    await gate.watch([A, CHANGELOG])  # no event arrives; the timer runs
+    assert consumer.seeks == [(A, 0)]  # read again from the start
+    admitted, _ = await admit(gate, events(A, 0, 1, 2, 3))
+    assert admitted == [(A, 0), (A, 1), (A, 2), (A, 3)]
+
+
+async def test_watch_seeks_again_when_a_reread_never_arrives() -> None:
+    gate, consumer, clock = gate_with({A: 5})
+    await admit(gate, events(A, 9))  # a gap: sought back to 5
+    assert consumer.seeks == [(A, 5)]
+    await gate.watch([A])
+    assert consumer.seeks == [(A, 5)]  # not yet
+    clock.now += RESEEK_AFTER_S + 1
+    await gate.watch([A])  # nothing arrived meanwhile: no event would have triggered it
+    assert consumer.seeks == [(A, 5), (A, 5)]
