@@ -191,7 +191,7 @@ class OffsetGate:
             log.info("%s starts at offset %s (committed: %s; faust sought to %s)", tp, offset, committed, sought)
             # Read it from there whatever faust's fetcher did: harmless when faust sought there
             # too (the records it delivered again are skipped as below the expected offset).
-            await self.consumer.seek(tp, offset)
+            await self._seek_on_thread(tp, offset)
 
     async def watch(self, tps: Iterable[Any]) -> None:
         """Every few seconds: learn the assigned partitions no event has arrived for yet (and
@@ -253,7 +253,15 @@ class OffsetGate:
 
     async def _seek(self, tp: Any, offset: int) -> None:
         self.rewinding[tp] = self.clock()
-        await self.consumer.seek(tp, offset)
+        await self._seek_on_thread(tp, offset)
+
+    async def _seek_on_thread(self, tp: Any, offset: int) -> None:
+        # faust's consumer.seek() calls aiokafka from this thread, but aiokafka's consumer lives
+        # on faust's consumer thread: a seek racing its fetcher raised KeyError in
+        # fetched_records and crashed the worker (seen in CI once every partition was sought
+        # after each rebalance). So on that thread, as _committed() does.
+        thread = self.consumer._thread
+        await thread.call_thread(thread._ensure_consumer().seek, tp, offset)
 
     def advance(self, events: Iterable[Any], generation: int) -> None:
         """These admitted events are written: their offsets may be committed."""

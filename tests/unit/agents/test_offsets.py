@@ -56,13 +56,22 @@ class FakeConsumer:
     def _ensure_consumer(self) -> FakeConsumer:
         return self
 
+    in_thread: bool = False  # inside call_thread: on faust's consumer thread
+
     async def call_thread(self, fun: Any, *args: Any) -> Any:
-        return await fun(*args)
+        self.in_thread = True
+        try:
+            return await fun(*args)
+        finally:
+            self.in_thread = False
 
     async def earliest_offsets(self, *tps: TP) -> dict[TP, int]:
         return dict.fromkeys(tps, 0)
 
     async def seek(self, tp: TP, offset: int) -> None:
+        # aiokafka's consumer lives on faust's consumer thread; seeking it from the event loop's
+        # thread races its fetcher (KeyError in fetched_records crashed a worker in CI).
+        assert self.in_thread, "seek() must run on the consumer's thread"
         self.seeks.append((tp, offset))
         self._read_offset[tp] = offset
 
