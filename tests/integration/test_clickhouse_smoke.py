@@ -40,10 +40,14 @@ async def check_the_table_collapses_replays(writer: ClickHouseRawWriter | Embedd
         await writer.write(RawBatch(list(ROWS), "telemetry/3:42-42"))
         await writer.write(RawBatch(list(AGAIN), "telemetry/3:42-99"))
         table = f"{writer.database}.{writer.table}"
-        assert await stored(writer, f"SELECT count() FROM {table}") == "7"  # before a merge
+        # Before a merge the replays are still there (7 rows on 18.16; current servers collapse
+        # equal keys inside one insert already, optimize_on_insert: 6).
+        assert int(await stored(writer, f"SELECT count() FROM {table}")) in (6, 7)
         assert await stored(writer, f"SELECT count() FROM {table} FINAL") == "3"
-        rows = await stored(writer, f"SELECT device_id, metric, value FROM {table} FINAL ORDER BY device_id, metric")
-        assert rows.replace('"', "").splitlines() == ["d1,humidity,60", "d1,temperature,21.5", "d2,temperature,19"]
+        text = await stored(writer, f"SELECT device_id, metric, value FROM {table} FINAL ORDER BY device_id, metric")
+        rows = [(device, metric, float(value)) for device, metric, value in
+                (line.replace('"', "").split(",") for line in text.splitlines())]  # fmt: skip
+        assert rows == [("d1", "humidity", 60.0), ("d1", "temperature", 21.5), ("d2", "temperature", 19.0)]
     finally:
         await writer.close()
 
