@@ -68,3 +68,7 @@ REBALANCES = Counter("millstream_rebalances_total", "Partition assignments recei
 CONSUMER_LAG = Gauge("millstream_consumer_lag_messages", "High-water minus committed offset", ["partition"])
 # Source offsets that do not exist on the broker (transaction markers, compaction, retention), skipped.
 SKIPPED_OFFSETS = Counter("millstream_skipped_offsets_total", "Source offsets absent from the broker, skipped")
+DEFERRED = Counter(
+    "millstream_deferred_events_total",
+    "Source events that arrived during a rebalance or table restore, read again after it",
+)
