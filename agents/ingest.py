@@ -24,6 +24,7 @@ from agents.pipeline import BatchOutcome, Pipeline
 from app import metrics
 from app.settings import Settings
 from models.records import SourceMessage
+from sinks.base import FatalSinkError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,12 @@ async def crash_worker(app: faust.App, exc: BaseException) -> None:
     if getattr(app, "_millstream_crashing", False):
         return  # one crash at a time: a failed batch is reported by the collector and the agent
     app._millstream_crashing = True  # type: ignore[attr-defined]
-    log.critical("millstream worker crashing: %s", exc, exc_info=exc)
+    # A fatal sink error says what to fix in its message (a refused write generation, a bad
+    # schema); its traceback only at debug level. Anything else is a bug: with the traceback.
+    fatal = isinstance(exc, FatalSinkError)
+    log.critical("millstream worker crashing: %s", exc, exc_info=None if fatal else exc)
+    if fatal:
+        log.debug("traceback of the fatal sink error", exc_info=exc)
     loop = asyncio.get_running_loop()
     # If the graceful stop hangs (a sink or the broker is the trouble), leave anyway.
     loop.call_later(15.0, os._exit, CRASH_EXIT_CODE)

@@ -117,7 +117,9 @@ def compose(app: faust.App, settings: Settings) -> Pipeline:
         windows=WindowPolicy(windows.sizes_s, windows.grace_s, windows.retention_windows, windows.dedup_s),
         state=tables.windows,
         raw_sink=raw_writer(settings.clickhouse),
-        aggregate_sink=ScyllaAggregateWriter(settings.scylla) if settings.scylla.enabled else None,
+        aggregate_sink=(
+            ScyllaAggregateWriter(settings.scylla, kafka.telemetry_topic) if settings.scylla.enabled else None
+        ),
         dead_letters=KafkaDeadLetters(dlq, app.conf.producer_max_request_size),
         retry=RetryPolicy(budget_s=settings.pipeline.retry_budget_s),
         dlq_max_consecutive=limits.dlq_max_consecutive,

@@ -72,3 +72,8 @@ DEFERRED = Counter(
     "millstream_deferred_events_total",
     "Source events that arrived during a rebalance or table restore, read again after it",
 )
+SCYLLA_SHADOWED = Counter(
+    "millstream_scylla_shadowed_writes_total",
+    "Sampled ScyllaDB upserts found with a newer write time than their version (the write lost)",
+    ["table"],
+)

@@ -175,6 +175,10 @@ class ClickHouseSettings(_Group):
         return urlsplit(self.url).scheme == "chdb"
 
 
+# Write versions are generation << 40 | offset and must stay below 2**63 (a CQL bigint).
+MAX_WRITE_GENERATION = (1 << 23) - 2
+
+
 class ScyllaSettings(_Group):
     """Windowed aggregates and latest values go to ScyllaDB."""
 
@@ -196,6 +200,16 @@ class ScyllaSettings(_Group):
     request_timeout_s: float = Field(10.0, gt=0, le=600, description="Timeout of one request.")
     username: str | None = Field(None, description="User name (PasswordAuthenticator).")
     password: SecretStr | None = Field(None, description="Password (secret).")
+    write_generation: int = Field(
+        0, ge=0, le=MAX_WRITE_GENERATION,
+        description="Generation of every write version (generation times 2^40 plus the source offset): raise it "
+        "by one when moving to a new telemetry topic or Kafka cluster, where offsets start again (docs/migrations.md).",
+    )  # fmt: skip
+    shadow_check_every: int = Field(
+        50, ge=0, le=1_000_000,
+        description="Read back the write time of one upserted row every N batches; a newer one than the write's "
+        "version counts in millstream_scylla_shadowed_writes_total. 0 turns the check off.",
+    )  # fmt: skip
 
     _split = field_validator("contact_points", mode="before")(_split_csv)
 

@@ -1,12 +1,22 @@
 """Windowed aggregates and latest values to ScyllaDB, as idempotent upserts.
 
 Each upsert is keyed by (device, metric, window size, window start) or (device, metric) and
-written ``USING TIMESTAMP <source offset>``: the offset of the last message applied to that
-aggregate. All messages of a device come from one partition, so the offset only grows; with
-last-write-wins on the cell timestamp, a late write from a worker that lost the partition in
-a rebalance (a zombie still retrying) can never overwrite a newer value. A consequence: rows
-of these tables must not be removed with DELETE (its tombstone carries a wall-clock
-timestamp that would shadow later writes); use TRUNCATE.
+written ``USING TIMESTAMP <version>``, the version being ``generation << 40 | offset``: the
+source offset of the last message applied to that aggregate, under the write generation
+(``MILLSTREAM_SCYLLA__WRITE_GENERATION``). All messages of a device come from one partition,
+so within a generation the version only grows; with last-write-wins on the cell timestamp, a
+late write from a worker that lost the partition in a rebalance (a zombie still retrying) can
+never overwrite a newer value. Offsets start again below the rows already written when the
+pipeline moves to a new topic or Kafka cluster: the operator raises the generation, and every
+write of the new one wins over every write of the old (docs/migrations.md). The table
+``write_generations`` records each generation and its topic; a worker refuses to start with a
+generation below one already recorded, or with the generation of another topic. A sampled
+read-back of ``WRITETIME`` counts writes that lost to a newer version anyway (a row written
+by another tool with a wall-clock timestamp, a forgotten bump) in
+``millstream_scylla_shadowed_writes_total``.
+
+A consequence of explicit versions: rows of these tables must not be removed with DELETE (its
+tombstone carries a wall-clock timestamp that would shadow later writes); use TRUNCATE.
 
 The driver's ``execute_async`` futures are bridged to asyncio; blocking calls (connect,
 prepare) run in a thread; a semaphore bounds requests in flight.
@@ -15,12 +25,13 @@ prepare) run in a thread; a semaphore bounds requests in flight.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import time
 from typing import Any
 
 from app import metrics
-from app.settings import ScyllaSettings
+from app.settings import MAX_WRITE_GENERATION, ScyllaSettings
 from models.rows import AggregateBatch
 from sinks.base import FatalSinkError, RetriableSinkError
 
@@ -56,6 +67,21 @@ CREATE TABLE IF NOT EXISTS {keyspace}.latest_values (
     PRIMARY KEY (device_id, metric)
 )
 """
+DDL_GENERATIONS = """
+CREATE TABLE IF NOT EXISTS {keyspace}.write_generations (
+    generation int,
+    topic text,
+    registered timestamp,
+    PRIMARY KEY (generation)
+)
+"""
+SELECT_GENERATIONS = "SELECT generation, topic FROM {keyspace}.write_generations"
+REGISTER_GENERATION = "INSERT INTO {keyspace}.write_generations (generation, topic, registered) VALUES (%s, %s, %s)"
+WRITETIME_WINDOW = (
+    "SELECT WRITETIME(count) FROM {keyspace}.window_aggregates "
+    "WHERE device_id = ? AND metric = ? AND window_size_s = ? AND window_start = ?"
+)
+WRITETIME_LATEST = "SELECT WRITETIME(value) FROM {keyspace}.latest_values WHERE device_id = ? AND metric = ?"
 UPSERT_WINDOW = (
     "INSERT INTO {keyspace}.window_aggregates (device_id, metric, window_size_s, window_start, window_end, "
     "count, sum, min, max, last_value, last_event_time, source_offset) "
@@ -65,6 +91,43 @@ UPSERT_LATEST = (
     "INSERT INTO {keyspace}.latest_values (device_id, metric, value, event_time, source_offset) "
     "VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
 )
+
+OFFSET_BITS = 40  # a partition may hold 2**40 (about 1.1e12) messages per generation
+MAX_OFFSET = (1 << OFFSET_BITS) - 1
+
+
+def write_version(generation: int, offset: int) -> int:
+    """The write timestamp of an upsert: ``generation << 40 | offset``. A version of a higher
+    generation beats every version of a lower one, whatever the offsets."""
+    if not 0 <= offset <= MAX_OFFSET:
+        raise FatalSinkError(f"source offset {offset} does not fit the {OFFSET_BITS} bits of a ScyllaDB write version")
+    return generation << OFFSET_BITS | offset
+
+
+def generation_of(version: int) -> int:
+    return version >> OFFSET_BITS
+
+
+def check_generation(generation: int, topic: str, recorded: dict[int, str]) -> str | None:
+    """Why ``generation`` must not write for ``topic``, given the generations already recorded
+    (generation -> topic); None when it may."""
+    variable = "MILLSTREAM_SCYLLA__WRITE_GENERATION"
+    if not 0 <= generation <= MAX_WRITE_GENERATION:
+        return f"{variable}={generation} is outside 0..{MAX_WRITE_GENERATION}"
+    newest = max(recorded, default=None)
+    if newest is not None and generation < newest:
+        return (
+            f"{variable}={generation} is below generation {newest} (topic {recorded[newest]!r}) already written: "
+            f"its rows would shadow every write; set {newest} to go on with that topic, or {newest + 1} for a new "
+            "topic or cluster (docs/migrations.md)"
+        )
+    if generation in recorded and recorded[generation] != topic:
+        return (
+            f"{variable}={generation} already wrote topic {recorded[generation]!r}; the offsets of {topic!r} start "
+            f"again below its rows: set {max(recorded) + 1} (docs/migrations.md)"
+        )
+    return None
+
 
 # ---- error classification (cassandra-driver exception class names)
 RETRIABLE_ERRORS = frozenset(
@@ -105,13 +168,18 @@ class ScyllaAggregateWriter:
 
     name = "scylla"
 
-    def __init__(self, settings: ScyllaSettings) -> None:
+    def __init__(self, settings: ScyllaSettings, topic: str) -> None:
         self.settings = settings
+        self.topic = topic  # the source topic, recorded with the write generation
+        self.generation = settings.write_generation
         self._cluster: Any = None
         self._session: Any = None
         self._upsert_window: Any = None
         self._upsert_latest: Any = None
+        self._writetime_window: Any = None
+        self._writetime_latest: Any = None
         self._inflight = asyncio.Semaphore(settings.concurrency)
+        self._batches = 0
 
     def _build_cluster(self) -> Any:
         from cassandra import ConsistencyLevel
@@ -153,19 +221,34 @@ class ScyllaAggregateWriter:
                     factor=s.replication_factor,
                 )
             )
-            await self._run(DDL_WINDOWS.format(keyspace=s.keyspace))
-            await self._run(DDL_LATEST.format(keyspace=s.keyspace))
-            self._upsert_window = await asyncio.to_thread(
-                self._session.prepare, UPSERT_WINDOW.format(keyspace=s.keyspace)
-            )
-            self._upsert_latest = await asyncio.to_thread(
-                self._session.prepare, UPSERT_LATEST.format(keyspace=s.keyspace)
-            )
+            for ddl in (DDL_WINDOWS, DDL_LATEST, DDL_GENERATIONS):
+                await self._run(ddl.format(keyspace=s.keyspace))
+            await self._register_generation()
+            prepare = self._session.prepare
+            self._upsert_window = await asyncio.to_thread(prepare, UPSERT_WINDOW.format(keyspace=s.keyspace))
+            self._upsert_latest = await asyncio.to_thread(prepare, UPSERT_LATEST.format(keyspace=s.keyspace))
+            self._writetime_window = await asyncio.to_thread(prepare, WRITETIME_WINDOW.format(keyspace=s.keyspace))
+            self._writetime_latest = await asyncio.to_thread(prepare, WRITETIME_LATEST.format(keyspace=s.keyspace))
         except (RetriableSinkError, FatalSinkError):
             raise
         except Exception as exc:
             raise classify(exc) from exc
-        log.info("ScyllaDB %s ready, keyspace %s", ",".join(s.contact_points), s.keyspace)
+        log.info("ScyllaDB %s ready, keyspace %s, write generation %d", ",".join(s.contact_points), s.keyspace,
+                 self.generation)  # fmt: skip
+
+    async def _register_generation(self) -> None:
+        """Refuse a generation that would write into the void; record this one and its topic."""
+        keyspace = self.settings.keyspace
+        rows = await self._run(SELECT_GENERATIONS.format(keyspace=keyspace))
+        recorded = {int(row[0]): str(row[1]) for row in rows}
+        problem = check_generation(self.generation, self.topic, recorded)
+        if problem is not None:
+            raise FatalSinkError(problem)
+        if self.generation not in recorded:
+            registered = datetime.datetime.now(datetime.UTC)
+            await self._run(REGISTER_GENERATION.format(keyspace=keyspace), (self.generation, self.topic, registered))
+            log.info("write generation %d registered for topic %r in %s.write_generations", self.generation,
+                     self.topic, keyspace)  # fmt: skip
 
     def _execute(self, statement: Any, params: Any = None) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -197,9 +280,9 @@ class ScyllaAggregateWriter:
         if not len(batch):
             return
         started = time.perf_counter()
-        calls = [self._run(self._upsert_window, (*row, row[11])) for row in batch.windows] + [
-            self._run(self._upsert_latest, (*row, row[4])) for row in batch.latest
-        ]
+        generation = self.generation
+        calls = [self._run(self._upsert_window, (*row, write_version(generation, row[11]))) for row in batch.windows]
+        calls += [self._run(self._upsert_latest, (*row, write_version(generation, row[4]))) for row in batch.latest]
         results = await asyncio.gather(*calls, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
@@ -208,6 +291,38 @@ class ScyllaAggregateWriter:
         metrics.SINK_BATCH_ROWS.labels(sink=self.name).observe(len(batch))
         metrics.SINK_WRITE_SECONDS.labels(sink=self.name).observe(time.perf_counter() - started)
         metrics.SINK_LAST_SUCCESS.labels(sink=self.name).set(time.time())
+        self._batches += 1
+        every = self.settings.shadow_check_every
+        if every and self._batches % every == 0:
+            await self._check_shadowed(batch)
+
+    async def _check_shadowed(self, batch: AggregateBatch) -> None:
+        """Read back the write time of the batch's newest window and latest value: a newer one
+        than the version just written means the write lost (a row written by another tool with
+        a wall-clock timestamp, a generation not raised after a move, or, rarely, this worker
+        lost the partition meanwhile). One or two reads per check; a failed read is ignored."""
+        checks: list[tuple[str, Any, tuple[Any, ...], int]] = []
+        if batch.windows:
+            window = max(batch.windows, key=lambda r: r[11])
+            checks.append(("window_aggregates", self._writetime_window, window[:4], window[11]))
+        if batch.latest:
+            latest = max(batch.latest, key=lambda r: r[4])
+            checks.append(("latest_values", self._writetime_latest, latest[:2], latest[4]))
+        for table, statement, key, offset in checks:
+            version = write_version(self.generation, offset)
+            try:
+                rows = list(await self._run(statement, key))
+            except Exception:
+                log.debug("write time read-back of %s failed", table, exc_info=True)
+                continue
+            written = rows[0][0] if rows else None
+            if isinstance(written, int) and written > version:
+                metrics.SCYLLA_SHADOWED.labels(table=table).inc()
+                log.warning(
+                    "ScyllaDB write to %s %s at version %d (generation %d, offset %d) is shadowed by write time %d "
+                    "(generation %d): see docs/migrations.md",
+                    table, key, version, self.generation, offset, written, generation_of(written),
+                )  # fmt: skip
 
     async def close(self) -> None:
         cluster, self._cluster, self._session = self._cluster, None, None

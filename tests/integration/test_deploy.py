@@ -85,7 +85,15 @@ def test_every_alert_and_panel_uses_metrics_millstream_exports() -> None:
     assert "millstream_consumer_lag_messages" in exported and "millstream_dlq_messages_total" in exported
     alerts = {rule["alert"]: rule["expr"] for rule in alert_rules()}
     # The alerts the operations issue asks for.
-    for wanted in ("ConsumerLagGrowing", "DeadLetterRate", "SinkErrors", "FlushStale", "NoDataFromFactory"):
+    for wanted in (
+        "ConsumerLagGrowing",
+        "DeadLetterRate",
+        "SinkErrors",
+        "FlushStale",
+        "NoDataFromFactory",
+        "MessagesIsolated",
+        "ScyllaWritesShadowed",
+    ):
         assert f"Millstream{wanted}" in alerts
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "millstream.json").read_text())
     panels = {f"panel {p['title']}": t["expr"] for p in dashboard["panels"] for t in p["targets"]}

@@ -128,7 +128,8 @@ def sinks(
             replication_class="SimpleStrategy",
             replication_factor=1,
             consistency="ONE",
-        )
+        ),
+        topic="telemetry",
     )
     loop.run_until_complete(raw.start())
     loop.run_until_complete(scylla.start())

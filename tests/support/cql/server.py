@@ -367,9 +367,21 @@ class CqlServer:
         if tokens.accept("*"):
             assert table is not None
             return list(table.columns.items())
-        names = self._bare_name_list(tokens)
         assert table is not None
-        return [(n.lower(), table.column(n)) for n in names]
+        columns: list[tuple[str, CqlType]] = []
+        while True:
+            if tokens.accept("writetime", "("):  # the write timestamp of a cell, as Scylla's WRITETIME()
+                name = tokens.ident().lower()
+                tokens.expect(")")
+                table.column(name)
+                if name in table.primary_key:
+                    raise invalid(f"Cannot use selection function writeTime on PRIMARY KEY part {name}")
+                columns.append((f"writetime({name})", CqlType("bigint")))
+            else:
+                name = tokens.ident()
+                columns.append((name.lower(), table.column(name)))
+            if not tokens.accept(","):
+                return columns
 
     @staticmethod
     def _name_list(tokens: Tokens) -> list[str]:
@@ -378,13 +390,6 @@ class CqlServer:
         while tokens.accept(","):
             names.append(tokens.ident().lower())
         tokens.expect(")")
-        return names
-
-    @staticmethod
-    def _bare_name_list(tokens: Tokens) -> list[str]:
-        names = [tokens.ident()]
-        while tokens.accept(","):
-            names.append(tokens.ident())
         return names
 
     async def _run(
@@ -541,13 +546,21 @@ class CqlServer:
         if tokens.accept("limit"):
             limit = int(tokens.next().text)
         tokens.accept("allow", "filtering")
-        rows = [r for r in table.rows.values() if all(r.get(c) == v for c, v in conditions.items())]
-        rows.sort(key=table.sort_key)
+        keyed = [(k, r) for k, r in table.rows.items() if all(r.get(c) == v for c, v in conditions.items())]
+        keyed.sort(key=lambda item: table.sort_key(item[1]))
         if Tokens(query).accept("select", "count", "(", "*", ")"):
-            encoded = [[struct.pack(">q", len(rows))]]
+            encoded = [[struct.pack(">q", len(keyed))]]
         else:
-            encoded = [[r.get(c) for c, _ in columns] for r in rows[:limit]]
+            encoded = [[self._cell(table, key, row, c) for c, _ in columns] for key, row in keyed[:limit]]
         return self._rows(table, columns, encoded)
+
+    @staticmethod
+    def _cell(table: Table, key: tuple[bytes, ...], row: dict[str, bytes], column: str) -> bytes | None:
+        if column.startswith("writetime(") and column.endswith(")"):
+            name = column[len("writetime(") : -1]
+            stamp = table.stamps.get(key, {}).get(name)
+            return struct.pack(">q", stamp) if stamp is not None and name in row else None
+        return row.get(column)
 
     def _rows(self, table: Table | None, columns: list[tuple[str, CqlType]],
               rows: list[list[bytes | None]]) -> bytes:  # fmt: skip
