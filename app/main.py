@@ -80,6 +80,13 @@ def create_app(settings: Settings) -> faust.App:
         web_router_enabled=False,
         web_tables_enabled=False,
         table_cleanup_interval=30.0,
+        # No standby replicas. faust 0.15 promotes a standby partition to active without reading
+        # its changelog again when the standby's offsets say it is complete, and in the
+        # rebalance chaos scenario a promoted partition lacked one device's state (the device's
+        # windows restarted from empty after a kill -9; twice in CI).
+        # A new owner now restores every partition it takes from its changelog, from what its
+        # own RocksDB holds: a slower takeover, an exact one.
+        table_standby_replicas=0,
         # Read ahead while a batch is written: with faust's default (4096, below one batch)
         # the fetcher pauses during every write and the worker then idles waiting for data.
         stream_buffer_maxsize=settings.pipeline.buffer_messages,
