@@ -123,9 +123,11 @@ class Ingest:
         from or written to the state. A restore applies the changelog above the local store's
         offset, one record after another, to the partitions this worker keeps too: a state
         stored meanwhile could be overwritten with an older one, and the offsets committed after
-        it would then stand for readings the state had lost (aggregates short, rows complete:
-        seen once in the rebalance chaos scenario). The events are only acked, not admitted, so
-        the gate reads them again from the committed offset once the worker is ready."""
+        it would then stand for readings the state had lost (aggregates short, rows complete).
+        Found reading faust while chasing a rebalance failure whose cause turned out to be a
+        standby promotion (app/main.py); events do arrive in that window (a few dozen per
+        rebalance in the chaos scenario). They are only acked, not admitted, so the gate reads
+        them again from the committed offset once the worker is ready."""
         for event in events:
             await stream.ack(event)
         metrics.DEFERRED.inc(len(events))

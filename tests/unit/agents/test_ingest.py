@@ -77,9 +77,9 @@ def _events(*offsets: int) -> list[Event]:
 
 def test_events_arriving_while_faust_rebalances_are_not_processed_and_are_read_again() -> None:
     """From a revoke until faust has restored its tables, no state may be read or stored: the
-    restore could overwrite it with an older one (aggregates short, found by the rebalance
-    chaos scenario). The events are acked for faust but not admitted, so nothing about them
-    is committed and the gate expects them again."""
+    restore could overwrite it with an older one (aggregates short, raw rows complete). The
+    events are acked for faust but not admitted, so nothing about them is committed and the
+    gate expects them again."""
 
     async def run() -> None:
         ingest, app, pipeline, gate = _ingest(rebalancing=True)
