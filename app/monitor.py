@@ -31,7 +31,9 @@ def register(app: faust.App, settings: Settings, gate: OffsetGate) -> None:
     @app.timer(5.0)  # type: ignore[untyped-decorator]
     async def watch_offsets() -> None:
         # Partitions assigned but silent, and re-reads that never arrived (agents/offsets.py).
-        await gate.watch(app.consumer.assignment())
+        # Not during a rebalance: the assignment is changing, and the gate is reset after it.
+        if not app.rebalancing:
+            await gate.watch(app.consumer.assignment())
 
     @app.timer(5.0)  # type: ignore[untyped-decorator]
     async def report_lag() -> None:

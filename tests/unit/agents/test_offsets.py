@@ -7,6 +7,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from aiokafka.errors import IllegalStateError
+
 from agents.offsets import RESEEK_AFTER_S, OffsetGate
 from app import metrics
 
@@ -68,7 +70,11 @@ class FakeConsumer:
     async def earliest_offsets(self, *tps: TP) -> dict[TP, int]:
         return dict.fromkeys(tps, 0)
 
+    revoked: set[TP] = field(default_factory=set)  # partitions aiokafka no longer has assigned
+
     async def seek(self, tp: TP, offset: int) -> None:
+        if tp in self.revoked:
+            raise IllegalStateError(f"No current assignment for partition {tp}")
         # aiokafka's consumer lives on faust's consumer thread; seeking it from the event loop's
         # thread races its fetcher (KeyError in fetched_records crashed a worker in CI).
         assert self.in_thread, "seek() must run on the consumer's thread"
@@ -254,3 +260,14 @@ async def test_watch_seeks_again_when_a_reread_never_arrives() -> None:
     clock.now += RESEEK_AFTER_S + 1
     await gate.watch([A])  # nothing arrived meanwhile: no event would have triggered it
     assert consumer.seeks == [(A, 5), (A, 5)]
+
+
+async def test_a_partition_revoked_before_its_seek_does_not_crash_the_worker() -> None:
+    """aiokafka raises IllegalStateError for a seek on a partition it no longer has; from the
+    gate's timer that crashed the worker in the rebalance chaos scenario. The gate is reset
+    and prepares the new assignment anyway."""
+    gate, consumer, _ = gate_with({A: 5, B: 7})
+    consumer.revoked.add(A)
+    await gate.prepare([A, B])
+    assert consumer.seeks == [(B, 7)]
+    await gate.watch([A, B])  # and again from the timer
