@@ -9,6 +9,7 @@ import struct
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from tests.support.cql.faults import Faults
@@ -60,6 +61,18 @@ SYSTEM_PEERS = [
 ]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class _WriteShape:
+    """A parsed INSERT, UPDATE or DELETE: its values by source (marker, literal, null)."""
+
+    verb: str
+    table: Table
+    assignments: list[tuple[str, Any]]
+    key: list[tuple[str, Any]]
+    using: list[tuple[str, Any]]
+    markers: int
+
+
 class CqlServer:
     """Run with ``start()`` (own thread and event loop) and ``stop()``; ``port`` after start."""
 
@@ -76,6 +89,7 @@ class CqlServer:
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._write_shapes: dict[tuple[str, str | None], _WriteShape] = {}
 
     # -- lifecycle
     def start(self) -> CqlServer:
@@ -416,11 +430,24 @@ class CqlServer:
         self, query: str, prepared: Prepared | None, values: list[Any], state: dict[str, str | None],
         default_timestamp: int | None,
     ) -> Any:  # fmt: skip
-        """Parse and validate a write; return a function that applies it."""
+        """Parse (once per statement text and keyspace) and validate a write; return a function
+        that applies it. The parse is cached as a real server caches a prepared statement: the
+        bench writes tens of thousands of rows a second through this server."""
+        cache_key = (query, state["keyspace"])
+        shape = self._write_shapes.get(cache_key)
+        if shape is None:
+            shape = self._parse_write(query, state)
+            if len(self._write_shapes) > 4096:
+                self._write_shapes.clear()
+            self._write_shapes[cache_key] = shape
+        return self._bind_write(shape, values, default_timestamp)
+
+    def _parse_write(self, query: str, state: dict[str, str | None]) -> _WriteShape:
         tokens = Tokens(query)
         verb = tokens.ident().lower()
-        assignments: dict[str, bytes | object | None] = {}
-        using: int | None = None
+        assignments: list[tuple[str, Any]] = []
+        using: list[tuple[str, Any]] = []
+        key: list[tuple[str, Any]]
         if verb == "insert":
             tokens.expect("into")
             table = self._table(tokens, state)
@@ -429,50 +456,110 @@ class CqlServer:
             for i, column in enumerate(columns):
                 if i:
                     tokens.expect(",")
-                assignments[column] = self._value(tokens, column, table.column(column), values)
+                assignments.append((column, self._source(tokens, column, table.column(column))))
             tokens.expect(")")
             key = assignments
             if tokens.accept("if", "not", "exists"):
                 pass  # lightweight transactions are not implemented: a plain upsert
             if tokens.accept("using"):
-                using = self._using(tokens, values)
+                using = self._using_sources(tokens)
         elif verb == "update":
             table = self._table(tokens, state)
             if tokens.accept("using"):
-                using = self._using(tokens, values)
+                using = self._using_sources(tokens)
             tokens.expect("set")
             while True:
                 column = tokens.ident().lower()
                 tokens.expect("=")
-                assignments[column] = self._value(tokens, column, table.column(column), values)
+                assignments.append((column, self._source(tokens, column, table.column(column))))
                 if not tokens.accept(","):
                     break
             tokens.expect("where")
-            key = self._where(tokens, table, values)
+            key = self._where_sources(tokens, table)
         elif verb == "delete":
             tokens.expect("from")
             table = self._table(tokens, state)
             if tokens.accept("using"):
-                using = self._using(tokens, values)
+                using = self._using_sources(tokens)
             tokens.expect("where")
-            key = self._where(tokens, table, values)
+            key = self._where_sources(tokens, table)
         else:
             raise CqlError(ERR_SYNTAX, f"unsupported write {verb}")
+        named = {column for column, _ in key}
         for pk in table.partition_key:
-            if pk not in key:
+            if pk not in named:
                 raise invalid(f"Some partition key parts are missing: {pk}")
         for ck in table.clustering:
-            if ck not in key:
+            if ck not in named:
                 raise invalid(f"Some clustering keys are missing: {ck}")
+        if verb == "update":
+            for column, _ in assignments:
+                if column in table.primary_key:
+                    raise invalid(f"PRIMARY KEY part {column} found in SET part")
+        return _WriteShape(verb, table, assignments, key, using, tokens.markers)
+
+    def _source(self, tokens: Tokens, column: str, kind: CqlType) -> Any:
+        """Where a value comes from: (column, kind, marker index), None for null, or the bytes of
+        a literal (validated now)."""
+        token = tokens.next()
+        if token.text == "?" and token.kind == "symbol":
+            tokens.markers += 1
+            return (column, kind, tokens.markers - 1)
+        if token.kind == "ident" and token.text.lower() == "null":
+            return None
+        return kind.encode_literal(token, column)
+
+    def _using_sources(self, tokens: Tokens) -> list[tuple[str, Any]]:
+        """``USING TIMESTAMP t [AND TTL n]`` (TTL is accepted, not enforced)."""
+        found: list[tuple[str, Any]] = []
+        while True:
+            if tokens.accept("timestamp"):
+                found.append(("timestamp", self._source(tokens, "[timestamp]", CqlType("bigint"))))
+            elif tokens.accept("ttl"):
+                found.append(("ttl", self._source(tokens, "[ttl]", CqlType("int"))))
+            else:
+                raise CqlError(ERR_SYNTAX, "expected TIMESTAMP or TTL after USING")
+            if not tokens.accept("and"):
+                return found
+
+    def _where_sources(self, tokens: Tokens, table: Table) -> list[tuple[str, Any]]:
+        conditions: list[tuple[str, Any]] = []
+        while True:
+            column = tokens.ident().lower()
+            if not tokens.accept("="):
+                raise invalid("only equality restrictions are supported by the test server")
+            conditions.append((column, self._source(tokens, column, table.column(column))))
+            if not tokens.accept("and"):
+                break
+        return conditions
+
+    @staticmethod
+    def _bound(source: Any, values: list[Any], markers: int) -> bytes | object | None:
+        """The value of a source for this execution, validated against its column's type."""
+        if not isinstance(source, tuple):
+            return source  # None (null) or a literal's bytes
+        column, kind, index = source
+        if index >= len(values):
+            raise invalid(f"There were {markers} markers(?) in CQL but {len(values)} bound variables")
+        raw = values[index]
+        if isinstance(raw, bytes) and (raw or kind.name in ("text", "ascii", "blob")):
+            kind.validate(raw, column)
+        return raw
+
+    def _bind_write(self, shape: _WriteShape, values: list[Any], default_timestamp: int | None) -> Any:
+        verb, table, markers = shape.verb, shape.table, shape.markers
+        assignments = {column: self._bound(source, values, markers) for column, source in shape.assignments}
+        key = assignments if verb == "insert" else {c: self._bound(s, values, markers) for c, s in shape.key}
+        using: int | None = None
+        for what, source in shape.using:
+            raw = self._bound(source, values, markers)
+            if what == "timestamp":
+                if not isinstance(raw, bytes):
+                    raise invalid("Invalid null value of timestamp")
+                using = int.from_bytes(raw, "big", signed=True)
         for column in table.primary_key:
             if not isinstance(key[column], bytes):
                 raise invalid(f"Invalid null value in condition for column {column}")
-            if verb == "update" and column in assignments and column not in table.primary_key:
-                pass
-        if verb == "update":
-            for column in assignments:
-                if column in table.primary_key:
-                    raise invalid(f"PRIMARY KEY part {column} found in SET part")
         row_key = tuple(key[c] for c in table.primary_key)  # type: ignore[misc]
         stamp = using if using is not None else default_timestamp
         if stamp is None:
@@ -504,22 +591,6 @@ class CqlServer:
                     row[column] = value  # type: ignore[assignment]
 
         return apply
-
-    def _using(self, tokens: Tokens, values: list[Any]) -> int | None:
-        """``USING TIMESTAMP t [AND TTL n]``: the write timestamp (TTL is accepted, not enforced)."""
-        stamp: int | None = None
-        while True:
-            if tokens.accept("timestamp"):
-                raw = self._value(tokens, "[timestamp]", CqlType("bigint"), values)
-                if not isinstance(raw, bytes):
-                    raise invalid("Invalid null value of timestamp")
-                stamp = int.from_bytes(raw, "big", signed=True)
-            elif tokens.accept("ttl"):
-                self._value(tokens, "[ttl]", CqlType("int"), values)
-            else:
-                raise CqlError(ERR_SYNTAX, "expected TIMESTAMP or TTL after USING")
-            if not tokens.accept("and"):
-                return stamp
 
     def _where(self, tokens: Tokens, table: Table, values: list[Any]) -> dict[str, Any]:
         conditions: dict[str, Any] = {}
@@ -607,6 +678,7 @@ class CqlServer:
         return [(n, by_name.get(n, CqlType("text"))) for n in names]
 
     def _ddl(self, query: str, state: dict[str, str | None]) -> bytes:
+        self._write_shapes.clear()  # a parsed write names a table that may be dropped or re-created
         tokens = Tokens(query)
         if tokens.accept("use"):
             keyspace = tokens.ident().lower()
