@@ -77,3 +77,7 @@ SCYLLA_SHADOWED = Counter(
     "Sampled ScyllaDB upserts found with a newer write time than their version (the write lost)",
     ["table"],
 )
+SCYLLA_WRITE_REQUESTS = Counter(
+    "millstream_scylla_write_requests_total",
+    "Upsert requests sent to ScyllaDB (an UNLOGGED BATCH of many rows counts once; retries count again)",
+)

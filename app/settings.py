@@ -197,6 +197,18 @@ class ScyllaSettings(_Group):
         "LOCAL_QUORUM", description="Write consistency level."
     )
     concurrency: int = Field(64, ge=1, le=4096, description="In-flight requests per worker at most.")
+    batch_rows: int = Field(
+        50, ge=1, le=1000,
+        description="Upserts per UNLOGGED BATCH request at most (1: one request per row). A request costs the "
+        "worker far more CPU than a row in it (docs/performance.md); 50 window rows are about 8 KB, well below "
+        "ScyllaDB's batch_size_warn_threshold_in_kb (128).",
+    )  # fmt: skip
+    batch_across_partitions: bool = Field(
+        True,
+        description="Let an UNLOGGED BATCH hold rows of several partitions (packed in partition order). Off: a "
+        "batch holds one partition's rows only, for clusters that warn on or forbid multi-partition batches; then "
+        "most upserts with many devices are requests of their own.",
+    )  # fmt: skip
     request_timeout_s: float = Field(10.0, gt=0, le=600, description="Timeout of one request.")
     username: str | None = Field(None, description="User name (PasswordAuthenticator).")
     password: SecretStr | None = Field(None, description="Password (secret).")

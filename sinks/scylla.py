@@ -18,8 +18,9 @@ by another tool with a wall-clock timestamp, a forgotten bump) in
 A consequence of explicit versions: rows of these tables must not be removed with DELETE (its
 tombstone carries a wall-clock timestamp that would shadow later writes); use TRUNCATE.
 
-The driver's ``execute_async`` futures are bridged to asyncio; blocking calls (connect,
-prepare) run in a thread; a semaphore bounds requests in flight.
+Rows go in UNLOGGED BATCHes of up to ``batch_rows`` (a request costs the worker's CPU far more
+than a row in it). The driver's ``execute_async`` futures are bridged to asyncio; blocking
+calls (connect, prepare) run in a thread; a semaphore bounds requests in flight.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 from app import metrics
@@ -163,6 +166,47 @@ def classify(exc: BaseException) -> RetriableSinkError | FatalSinkError:
     return RetriableSinkError(f"ScyllaDB {name} (unclassified): {str(exc)[:300]}")
 
 
+_PACKERS: dict[str, Callable[[Any], bytes]] = {
+    "varchar": lambda v: v.encode("utf-8"),
+    "text": lambda v: v.encode("utf-8"),
+    "ascii": lambda v: v.encode("ascii"),
+    "int": struct.Struct(">i").pack,
+    "bigint": struct.Struct(">q").pack,
+    "counter": struct.Struct(">q").pack,
+    "timestamp": struct.Struct(">q").pack,  # milliseconds since the epoch, as millstream's rows hold them
+    "double": struct.Struct(">d").pack,
+}
+
+
+class RowEncoder:
+    """Serializes rows for one prepared statement as the driver's ``bind`` does, about seven
+    times cheaper: one ``struct`` packer per bound column, chosen from the column types the
+    server returned when the statement was prepared (the driver's ``bind`` looks each type up
+    and checks each value, per value, per row). A statement with another column type, or a row
+    with a null, goes through ``bind``. tests/unit/sinks/test_scylla_encoding.py checks that
+    both give the same bytes."""
+
+    def __init__(self, prepared: Any) -> None:
+        self.prepared = prepared
+        names = [getattr(column.type, "typename", "") for column in prepared.column_metadata]
+        self.packers = [_PACKERS.get(name) for name in names]
+        self.fast = all(packer is not None for packer in self.packers)
+
+    def bound(self, values: tuple[Any, ...]) -> Any:
+        """A bound statement of ``values``, ready to execute or to add to a batch."""
+        from cassandra.query import BoundStatement
+
+        if not self.fast or None in values:
+            return self.prepared.bind(values)
+        try:
+            serialized = [pack(value) for pack, value in zip(self.packers, values, strict=True)]  # type: ignore[misc]
+        except (struct.error, TypeError, ValueError, AttributeError, UnicodeError) as exc:
+            raise FatalSinkError(f"ScyllaDB row {values!r:.200} does not fit its columns: {exc}") from exc
+        statement = BoundStatement(self.prepared)
+        statement.values = serialized
+        return statement
+
+
 class ScyllaAggregateWriter:
     """Upserts :class:`AggregateBatch` es."""
 
@@ -176,6 +220,8 @@ class ScyllaAggregateWriter:
         self._session: Any = None
         self._upsert_window: Any = None
         self._upsert_latest: Any = None
+        self._window_encoder: Any = None
+        self._latest_encoder: Any = None
         self._writetime_window: Any = None
         self._writetime_latest: Any = None
         self._inflight = asyncio.Semaphore(settings.concurrency)
@@ -227,6 +273,8 @@ class ScyllaAggregateWriter:
             prepare = self._session.prepare
             self._upsert_window = await asyncio.to_thread(prepare, UPSERT_WINDOW.format(keyspace=s.keyspace))
             self._upsert_latest = await asyncio.to_thread(prepare, UPSERT_LATEST.format(keyspace=s.keyspace))
+            self._window_encoder = RowEncoder(self._upsert_window)
+            self._latest_encoder = RowEncoder(self._upsert_latest)
             self._writetime_window = await asyncio.to_thread(prepare, WRITETIME_WINDOW.format(keyspace=s.keyspace))
             self._writetime_latest = await asyncio.to_thread(prepare, WRITETIME_LATEST.format(keyspace=s.keyspace))
         except (RetriableSinkError, FatalSinkError):
@@ -276,14 +324,55 @@ class ScyllaAggregateWriter:
             except Exception as exc:
                 raise classify(exc) from exc
 
+    def _requests(self, batch: AggregateBatch) -> list[Any]:
+        """The batch's upserts as few requests: UNLOGGED BATCHes of up to ``batch_rows`` rows,
+        packed in partition order (a partition's rows together), crossing partitions unless
+        ``batch_across_partitions`` is off. A request costs the worker about 90 µs of CPU in the
+        driver, a row in a batch serialized by :class:`RowEncoder` about 6 µs (measured against
+        the CQL test server). Atomicity is not what the batch is for: every row is an idempotent
+        upsert with its own version, so a batch retried after a timeout, applied in part or
+        twice, converges to the same rows."""
+        from cassandra.query import BatchStatement, BatchType
+
+        generation, limit = self.generation, self.settings.batch_rows
+        window, latest = self._window_encoder.bound, self._latest_encoder.bound
+        # (partition, bound statement); the partition of a window row is (device, metric, size),
+        # of a latest value the device.
+        rows: list[tuple[tuple[Any, ...], Any]] = [
+            ((r[0], r[1], r[2]), window((*r, write_version(generation, r[11])))) for r in batch.windows
+        ]
+        rows += [((r[0],), latest((*r, write_version(generation, r[4])))) for r in batch.latest]
+        if limit == 1:
+            return [statement for _, statement in rows]
+        rows.sort(key=lambda row: row[0])
+        across = self.settings.batch_across_partitions
+        groups: list[list[Any]] = []
+        group: list[Any] = []
+        partition: tuple[Any, ...] | None = None
+        for key, statement in rows:
+            if not group or len(group) >= limit or (not across and key != partition):
+                group = []
+                groups.append(group)
+                partition = key
+            group.append(statement)
+        requests: list[Any] = []
+        for group in groups:
+            if len(group) == 1:
+                requests.append(group[0])
+                continue
+            request = BatchStatement(batch_type=BatchType.UNLOGGED)
+            for statement in group:
+                request.add(statement)
+            requests.append(request)
+        return requests
+
     async def write(self, batch: AggregateBatch) -> None:
         if not len(batch):
             return
         started = time.perf_counter()
-        generation = self.generation
-        calls = [self._run(self._upsert_window, (*row, write_version(generation, row[11]))) for row in batch.windows]
-        calls += [self._run(self._upsert_latest, (*row, write_version(generation, row[4]))) for row in batch.latest]
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        requests = self._requests(batch)
+        metrics.SCYLLA_WRITE_REQUESTS.inc(len(requests))
+        results = await asyncio.gather(*(self._run(request) for request in requests), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             fatal = [e for e in errors if isinstance(e, FatalSinkError)]
