@@ -84,8 +84,7 @@ def create_app(settings: Settings) -> faust.App:
         # its changelog again when the standby's offsets say it is complete, and in the
         # rebalance chaos scenario a promoted partition lacked one device's state (the device's
         # windows restarted from empty after a kill -9; twice in CI).
-        # A new owner now restores every partition it takes from its changelog, from what its
-        # own RocksDB holds: a slower takeover, an exact one.
+        # A new owner restores each partition it takes from the changelog: slower, but exact.
         table_standby_replicas=0,
         # Read ahead while a batch is written: with faust's default (4096, below one batch)
         # the fetcher pauses during every write and the worker then idles waiting for data.
@@ -97,6 +96,7 @@ def create_app(settings: Settings) -> faust.App:
     faust_patches.set_fetch_max_wait(kafka.fetch_max_wait_ms)
     faust_patches.configure_producer(kafka.request_timeout_s, lambda app: produced_topics(app, settings))
     faust_patches.install_lean_drain()
+    faust_patches.spinner_only_on_a_terminal()
     app.monitor = faust_patches.FaustSensor(metrics=faust_patches.faust_metrics())
     app.millstream_settings = settings  # type: ignore[attr-defined]
     app.millstream_pipeline = compose(app, settings)  # type: ignore[attr-defined]

@@ -3,7 +3,10 @@ tests/integration/test_kafka_smoke.py runs the same producer against the broker.
 
 from __future__ import annotations
 
+import io
+import logging
 from collections.abc import Iterator
+from typing import Any
 
 import faust
 import pytest
@@ -31,3 +34,66 @@ async def test_producer_times_out_requests_and_tracks_the_topics_it_writes(resto
         assert producer.client._topics == {"patch-test-dlq"}
     finally:
         await producer.stop()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_the_spinner_and_its_debug_root_logger_only_on_a_terminal(terminal: bool) -> None:
+    original = faust.Worker.on_setup_root_logger
+    try:
+        for _ in range(2):  # applied once, not stacked
+            faust_patches.spinner_only_on_a_terminal()
+        app = faust.App("spinner-test", broker="kafka://127.0.0.1:9")
+        worker = faust.Worker(app, stdout=_Terminal() if terminal else io.StringIO(), loglevel="warn")
+        logger = logging.Logger("spinner-test-root", level=logging.WARNING)
+        logger.addHandler(logging.StreamHandler(io.StringIO()))
+        worker.on_setup_root_logger(logger, logging.WARNING)
+        if terminal:  # faust's own behaviour: the spinner spins on every record
+            assert worker.spinner is not None and logger.level == logging.DEBUG
+        else:  # a log file or a pod's stdout: no spinner, and debug calls build no records
+            assert worker.spinner is None and logger.level == logging.WARNING
+            assert not logger.isEnabledFor(logging.DEBUG)
+    finally:
+        faust.Worker.on_setup_root_logger = original  # type: ignore[method-assign]
+
+
+def test_the_sensor_with_cached_label_children_counts_what_fausts_counts() -> None:
+    """Same calls into faust's PrometheusMonitor and into millstream's FaustSensor, each with a
+    registry of its own: the same samples, also after a rebalance clears the topic series."""
+    from types import SimpleNamespace
+
+    from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
+    from faust.types import TP
+    from prometheus_client import CollectorRegistry
+
+    def drive(sensor: Any) -> None:
+        table = SimpleNamespace(name="devices")
+        tp = TP("telemetry", 3)
+        for round_ in range(2):
+            for i in range(5):
+                sensor.on_table_get(table, b"k")
+                sensor.on_table_set(table, b"k", b"v")
+                sensor.on_send_initiated(None, "devices-changelog", None, 1, 1)
+                sensor.track_tp_end_offset(tp, 100 * round_ + i)
+            if not round_:
+                sensor._clear_partition_related_metrics()  # as on a rebalance
+
+    def samples(registry: CollectorRegistry) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+        return {
+            (s.name, tuple(sorted(s.labels.items())), s.value)
+            for metric in registry.collect() for s in metric.samples if not s.name.endswith("_created")
+        }  # fmt: skip
+
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    plain = PrometheusMonitor(metrics=FaustMetrics.create(theirs, "faust"))
+    cached = faust_patches.FaustSensor(metrics=FaustMetrics.create(ours, "faust"))
+    drive(plain)
+    drive(cached)
+    assert samples(ours) == samples(theirs)
+    assert ("faust_topic_messages_sent_total", (("topic", "topic.devices-changelog"),), 5.0) in samples(ours)
+    assert cached.messages_sent == plain.messages_sent == 10
+    assert cached.tp_end_offsets == plain.tp_end_offsets
