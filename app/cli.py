@@ -28,22 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=20.0, help="seconds of simulated traffic (default 20)")
     demo.add_argument("--devices", type=int, default=50, help="simulated devices (default 50)")
     demo.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
-    bench = sub.add_parser(
-        "bench",
-        help="measure throughput, latency and memory against the goals (bundled broker, one run)",
-        description="Produce once, then time: a plain aiokafka consumer, a bare faust agent, the full pipeline "
-        "with single-reading and batched messages, and latency at half the pipeline rate. Prints a table; "
-        "--json ends with one JSON object.",
-    )
-    bench.add_argument("--messages", type=int, default=100_000, help="single-reading messages (default 100000)")
-    bench.add_argument("--batched-messages", type=int, default=4_000, help="batched messages (default 4000)")
-    bench.add_argument("--batch-size", type=int, default=50, help="readings per batched message (default 50)")
-    bench.add_argument("--devices", type=int, default=200, help="devices (default 200)")
-    bench.add_argument("--latency-seconds", type=float, default=15.0, help="live load for latency (default 15)")
-    bench.add_argument(
-        "--clickhouse-url", default=None, help="a ClickHouse server (clickhouse://...); default: embedded chdb"
-    )
-    bench.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
+    _bench_parser(sub)
     simulate = sub.add_parser(
         "simulate",
         help="publish realistic factory telemetry to the telemetry topic",
@@ -154,6 +139,37 @@ def _simulate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="measure throughput, latency and memory against the goals (bundled broker, one run)",
+        description="Produce once, then time: a plain aiokafka consumer, a bare faust agent, the full pipeline "
+        "with single-reading and batched messages, and latency at half the pipeline rate. Prints a table; "
+        "--json ends with one JSON object.",
+    )
+    bench.add_argument("--messages", type=int, default=100_000, help="single-reading messages (default 100000)")
+    bench.add_argument("--batched-messages", type=int, default=4_000, help="batched messages (default 4000)")
+    bench.add_argument("--batch-size", type=int, default=50, help="readings per batched message (default 50)")
+    bench.add_argument("--devices", type=int, default=200, help="devices (default 200)")
+    bench.add_argument("--latency-seconds", type=float, default=15.0, help="live load for latency (default 15)")
+    bench.add_argument(
+        "--clickhouse-url", default=None, help="a ClickHouse server (clickhouse://...); default: embedded chdb"
+    )
+    bench.add_argument(
+        "--sweep-devices", default="200,2000,20000,100000",
+        help="device counts of the sweep, comma-separated; empty: no sweep (default 200,2000,20000,100000)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--sweep-messages", type=int, default=30_000,
+        help="single-reading messages per sweep point, at least one per device (default 30000)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--scylla", default=None, metavar="HOSTS",
+        help="ScyllaDB hosts (host[:port],...) for the sweep; default: the CQL test server of a checkout",
+    )  # fmt: skip
+    bench.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
+
+
 def _worker_command(faust_args: list[str]) -> int:
     try:
         settings = load_settings()
@@ -182,11 +198,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if min(args.messages, args.batched_messages, args.batch_size, args.devices) < 1 or args.latency_seconds <= 0:
             return _fail("--messages, --batched-messages, --batch-size and --devices must be at least 1, "
                          "--latency-seconds positive")  # fmt: skip
+        try:
+            sweep = tuple(int(d) for d in args.sweep_devices.split(",") if d.strip())
+        except ValueError:
+            return _fail(f"--sweep-devices {args.sweep_devices!r}: device counts separated by commas")
+        if any(d < 1 for d in sweep) or args.sweep_messages < 1:
+            return _fail("--sweep-devices counts and --sweep-messages must be at least 1")
         from app.tools.bench import BenchOptions, run_bench
 
         options = BenchOptions(
             messages=args.messages, batched_messages=args.batched_messages, batch_size=args.batch_size,
             devices=args.devices, latency_seconds=args.latency_seconds, clickhouse_url=args.clickhouse_url,
+            sweep_devices=sweep, sweep_messages=args.sweep_messages, scylla=args.scylla,
         )  # fmt: skip
         return run_bench(options, args.json)
     if args.command == "demo":

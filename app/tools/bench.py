@@ -10,7 +10,12 @@ Phases, each on data produced once before any is timed:
                reads the same topic;
 4. batched   - a worker reads messages of ``--batch-size`` readings each;
 5. latency   - a worker reads a topic fed live at half the pipeline's rate; the producer's
-               record timestamp to the ack after both writes, from the worker's histogram.
+               record timestamp to the ack after both writes, from the worker's histogram;
+6. devices   - the device-count sweep: a worker writing aggregates to ScyllaDB (the CQL test
+               server of a checkout, or ``--scylla HOSTS``) reads single-reading messages from
+               200 to 100,000 devices (``--sweep-devices``), and once more at 20,000 without
+               ScyllaDB, for ScyllaDB's share of the CPU. With many devices a message touches
+               aggregate rows and a device state of its own instead of folding into a few.
 
 Rates are timed from the first scrape that sees progress to the scrape that sees the last
 message, so start-up (group join, table recovery, sink DDL) is not counted for anyone.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import subprocess
 import sys
 import tempfile
@@ -46,7 +52,10 @@ GOALS: dict[str, tuple[str, float]] = {
     "latency_p99_s": ("<=", 1.5),
     "rows_per_insert": (">=", 10_000),
     "rss_growth_ratio": ("<=", 1.1),
+    "device_scaling_ratio": (">=", 0.7),
+    "scylla_cpu_us_per_row": ("<=", 30),
 }
+SCALING_DEVICES = 20_000  # device_scaling_ratio: the rate here (or the largest point below) / the smallest point
 
 
 @dataclass
@@ -58,6 +67,9 @@ class BenchOptions:
     partitions: int = 4
     latency_seconds: float = 15.0
     clickhouse_url: str | None = None  # default: embedded ClickHouse (chdb), one store per phase
+    sweep_devices: tuple[int, ...] = (200, 2_000, 20_000, 100_000)  # empty: no sweep
+    sweep_messages: int = 30_000  # per point, and at least one per device
+    scylla: str | None = None  # host[:port],...; default: the CQL test server of a checkout
 
 
 @dataclass
@@ -235,25 +247,26 @@ class Bench:
         self.say(f"millstream's own work alone: {cpu_msgs:,.0f} msgs/s, {cpu_readings:,.0f} readings/s batched")
         del single, batched
 
-        self.say("1/5 ceiling: plain aiokafka consumer")
+        self.say("1/6 ceiling: plain aiokafka consumer")
         ceiling = asyncio.run(_consume_ceiling(bootstrap, "bench-single", o.messages, limit_s=600))
         self.say(f"    {ceiling:,.0f} msgs/s")
-        self.say("2/5 bare faust agent that only counts (faust as installed, then with the worker's faust tuning)")
+        self.say("2/6 bare faust agent that only counts (faust as installed, then with the worker's faust tuning)")
         bare_clock = self._bare(bootstrap, o.messages, "stock")
         bare_tuned_clock = self._bare(bootstrap, o.messages, "tuned")
         bare, bare_tuned = bare_clock.rate(), bare_tuned_clock.rate()
         self.say(f"    {bare:,.0f} msgs/s; {bare_tuned:,.0f} msgs/s tuned")
-        self.say("3/5 full pipeline, single-reading messages")
+        self.say("3/6 full pipeline, single-reading messages")
         pipeline_clock, pipeline_text, pipeline_rss = self._pipeline("pipeline", "bench-single", o.messages)
         pipeline = pipeline_clock.rate()
         self.say(f"    {pipeline:,.0f} msgs/s")
-        self.say(f"4/5 full pipeline, {o.batch_size} readings per message")
+        self.say(f"4/6 full pipeline, {o.batch_size} readings per message")
         batched_clock, batched_text, batched_rss = self._pipeline("batched", "bench-batched", o.batched_messages)
         batched_rate = batched_clock.rate() * o.batch_size
         self.say(f"    {batched_rate:,.0f} readings/s")
         live_rate = max(50.0, pipeline / 2) if not math.isnan(pipeline) else 1000.0
-        self.say(f"5/5 latency at {live_rate:,.0f} msgs/s for {o.latency_seconds:.0f}s (half the pipeline rate)")
+        self.say(f"5/6 latency at {live_rate:,.0f} msgs/s for {o.latency_seconds:.0f}s (half the pipeline rate)")
         latency_text, latency_rss = self._latency(live_rate)
+        sweep = self._sweep()
 
         inserts = sum(
             metric_value(text, "millstream_sink_batch_rows_count", 'sink="clickhouse"')
@@ -267,7 +280,8 @@ class Bench:
         return {
             "broker": "tansu (bundled, memory storage), same process for every phase",
             "clickhouse": "embedded (chdb)" if o.clickhouse_url is None else o.clickhouse_url,
-            "scylla": "disabled (aggregates kept in the worker tables)",
+            "scylla": "phases 3-5: disabled (aggregates kept in the worker tables); phase 6: "
+            + (o.scylla or "the CQL test server (tests/support/cql), in a process of its own"),
             "producer_settings": "production: " + ", ".join(f"{k}={v}" for k, v in PRODUCER_OPTIONS.items()),
             "worker_settings": "defaults (producer batches of 16384 bytes: recovery is not exercised); latency "
             f"phase: MILLSTREAM_KAFKA__FETCH_MAX_WAIT_MS={LATENCY_FETCH_WAIT_MS}",
@@ -301,6 +315,7 @@ class Bench:
             "rows_per_insert": round(rows / inserts) if inserts else 0,
             "rss_peak_mb": round(max(pipeline_rss + batched_rss + latency_rss), 1),
             "rss_growth_ratio": round(half[-1] / half[0], 3) if len(half) >= 2 else 1.0,
+            **sweep,
         }
 
     def _bare(self, bootstrap: str, total: int, shape: str) -> RateClock:
@@ -349,8 +364,8 @@ class Bench:
         worker.start()
         return worker
 
-    def _pipeline(self, phase: str, topic: str, total: int) -> tuple[RateClock, str, list[float]]:
-        worker = self._worker(phase, topic)
+    def _pipeline(self, phase: str, topic: str, total: int, **settings: str) -> tuple[RateClock, str, list[float]]:
+        worker = self._worker(phase, topic, **settings)
         clock = RateClock(total=total)
 
         def on_poll(now: float, acked: float) -> None:
@@ -387,10 +402,117 @@ class Bench:
             worker.stop()
         return text, samples
 
+    def _scylla_hosts(self) -> tuple[str, int] | None:
+        """Where the sweep writes aggregates: ``--scylla``, else a CQL test server started from
+        the checkout (tests/support/cql); None when neither is there."""
+        if self.options.scylla:
+            hosts = [h.strip() for h in self.options.scylla.split(",") if h.strip()]
+            ports = {int(h.rsplit(":", 1)[1]) for h in hosts if ":" in h} or {9042}
+            if len(ports) > 1:
+                raise RuntimeError("--scylla: every host must use the same port")
+            return ",".join(h.rsplit(":", 1)[0] for h in hosts), ports.pop()
+        root = Path(__file__).resolve().parents[2]
+        if not (root / "tests" / "support" / "cql" / "server.py").exists():
+            return None
+        port = free_port()
+        with open(self.workdir / "cql-server.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.support.cql.server", "--port", str(port)], cwd=root, stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.children.append(lambda: stop_process(proc, 10))
+        deadline = time.monotonic() + 30
+        while "CQL test server on" not in (self.workdir / "cql-server.log").read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the CQL test server did not start; see {self.workdir}/cql-server.log")
+            time.sleep(0.1)
+        return "127.0.0.1", port
+
+    def _sweep(self) -> dict[str, Any]:
+        """Phase 6: the same pipeline with ScyllaDB on, from few devices to many."""
+        o = self.options
+        points = sorted(set(o.sweep_devices))
+        if not points:
+            return {}
+        where = self._scylla_hosts()
+        if where is None:
+            self.say("6/6 device sweep skipped: no --scylla HOSTS and no CQL test server (tests/ of a checkout)")
+            return {"device_sweep": "skipped: needs --scylla HOSTS or a checkout with tests/support/cql"}
+        hosts, port = where
+        scaling = max((d for d in points if d <= SCALING_DEVICES), default=points[0])
+        runs = [(devices, True) for devices in points] + [(scaling, False)]
+        self.say(f"6/6 device sweep, ScyllaDB at {hosts}:{port}: {', '.join(f'{d:,}' for d in points)} devices, "
+                 f"then {scaling:,} without ScyllaDB")  # fmt: skip
+        rows = [self._sweep_point(devices, (hosts, port) if scylla else None) for devices, scylla in runs]
+        on = {r["devices"]: r for r in rows if r["scylla"]}
+        off = next(r for r in rows if not r["scylla"])
+        low, high = on[points[0]], on[points[-1]]
+        grown_bytes = (high["rss_peak_mb"] - low["rss_peak_mb"]) * 1024 * 1024
+        per_device = grown_bytes / max(high["devices_with_messages"] - low["devices_with_messages"], 1)
+        rows_at_scaling = on[scaling]["aggregate_rows_per_msg"]
+        return {
+            "device_sweep": rows,
+            "device_scaling_ratio": round(on[scaling]["msgs_per_s"] / low["msgs_per_s"], 3),
+            "device_scaling_cpu_ratio": round(low["cpu_us_per_msg"] / on[scaling]["cpu_us_per_msg"], 3),
+            "device_scaling_points": f"{scaling} / {points[0]} devices",
+            # ScyllaDB's share of the worker's CPU at the scaling point, per aggregate row upserted
+            "scylla_cpu_us_per_row": round(
+                (on[scaling]["cpu_us_per_msg"] - off["cpu_us_per_msg"]) / rows_at_scaling, 1
+            ) if rows_at_scaling else 0.0,
+            "memory_per_device_bytes": round(per_device),
+        }  # fmt: skip
+
+    def _sweep_point(self, devices: int, scylla: tuple[str, int] | None) -> dict[str, Any]:
+        """One worker reading single-reading messages of ``devices`` devices, with ScyllaDB at
+        ``scylla`` (hosts, port) or without it."""
+        o = self.options
+        count = max(o.sweep_messages, devices)
+        name = f"sweep-{devices}" + ("" if scylla is not None else "-noscylla")
+        topic = f"bench-{name}"
+        asyncio.run(create_topics([topic], partitions=o.partitions, bootstrap_servers=self.broker.bootstrap))
+        messages = _messages(BenchOptions(devices=devices, batch_size=1), batched=False, count=count, seed=4 + devices)
+        asyncio.run(_produce(self.broker.bootstrap, topic, messages, None))
+        touched = len({key for key, _ in messages})
+        del messages
+        settings = {"SCYLLA__ENABLED": "false"}
+        if scylla is not None:
+            hosts, port = scylla
+            settings = {
+                "SCYLLA__ENABLED": "true", "SCYLLA__CONTACT_POINTS": hosts, "SCYLLA__PORT": str(port),
+                "SCYLLA__KEYSPACE": f"millstream_bench_{devices}", "SCYLLA__REPLICATION_CLASS": "SimpleStrategy",
+                "SCYLLA__REPLICATION_FACTOR": "1", "SCYLLA__CONSISTENCY": "ONE",
+            }  # fmt: skip
+        clock, text, rss = self._pipeline(name, topic, count, **settings)
+        row = {
+            "devices": devices,
+            "scylla": scylla is not None,
+            "messages": count,
+            "devices_with_messages": touched,
+            "msgs_per_s": round(clock.rate()),
+            "cpu_us_per_msg": round(clock.cpu_us_per_message(), 1),
+            "aggregate_rows_per_msg": round(
+                metric_value(text, "millstream_sink_batch_rows_sum", 'sink="scylla"') / count, 2
+            ),
+            "scylla_requests_per_msg": round(metric_value(text, "millstream_scylla_write_requests_total") / count, 3),
+            "changelog_records_per_msg": round(changelog_records(text) / count, 2),
+            "rss_peak_mb": round(max(rss, default=0.0), 1),
+        }
+        without = "" if scylla is not None else ", no ScyllaDB"
+        self.say(f"    {devices:,} devices{without}: {row['msgs_per_s']:,} msgs/s, "
+                 f"{row['cpu_us_per_msg']} µs CPU/msg, {row['aggregate_rows_per_msg']} rows and "
+                 f"{row['scylla_requests_per_msg']} requests per msg, {row['rss_peak_mb']} MiB")  # fmt: skip
+        return row
+
     def close(self) -> None:
         for stop in self.children:
             stop()
         self.broker.stop()
+
+
+def changelog_records(text: str) -> float:
+    """Records the worker sent to its tables' changelog topics (faust's sensor, one scrape)."""
+    pattern = r'^faust_topic_messages_sent_total\{topic="topic\.[^"]*-changelog"\} (\S+)$'
+    return sum(float(value) for value in re.findall(pattern, text, re.MULTILINE))
 
 
 def goal_met(key: str, value: float) -> str:
@@ -399,6 +521,28 @@ def goal_met(key: str, value: float) -> str:
     op, goal = GOALS[key]
     met = value >= goal if op == ">=" else value <= goal
     return f"{op} {goal:g}: {'met' if met else 'not met'}"
+
+
+SWEEP_COLUMNS = (
+    ("devices", "devices"), ("scylla", "ScyllaDB"), ("messages", "messages"), ("msgs_per_s", "msgs/s"),
+    ("cpu_us_per_msg", "CPU µs/msg"), ("aggregate_rows_per_msg", "aggregate rows/msg"),
+    ("scylla_requests_per_msg", "Scylla requests/msg"), ("changelog_records_per_msg", "changelog records/msg"),
+    ("rss_peak_mb", "peak RSS MiB"),
+)  # fmt: skip
+
+
+def sweep_table(rows: list[dict[str, Any]]) -> str:
+    """The device sweep as a Markdown table (docs/performance.md quotes it as printed)."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    lines = ["| " + " | ".join(title for _, title in SWEEP_COLUMNS) + " |"]
+    lines.append("|" + "---|" * len(SWEEP_COLUMNS))
+    lines += ["| " + " | ".join(cell(row[key]) for key, _ in SWEEP_COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def run_bench(options: BenchOptions, as_json: bool) -> int:
@@ -417,11 +561,17 @@ def run_bench(options: BenchOptions, as_json: bool) -> int:
         return 1
     finally:
         bench.close()
+    sweep = result.get("device_sweep")
     width = max(len(k) for k in result)
     print()
     for key, value in result.items():
+        if key == "device_sweep" and isinstance(sweep, list):
+            continue
         shown = f"{value:,}" if isinstance(value, int) else str(value)
         print(f"{key:<{width}}  {shown:<24} {goal_met(key, value) if isinstance(value, (int, float)) else ''}")
+    if isinstance(sweep, list):
+        print("\ndevice sweep (single-reading messages, one worker)")
+        print(sweep_table(sweep))
     print(f"\nworker logs in {workdir}")
     if as_json:
         print(json.dumps(result))

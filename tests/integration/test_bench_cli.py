@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.helpers import run_cli
 
-pytestmark = [pytest.mark.kafka, pytest.mark.chdb, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.kafka, pytest.mark.chdb, pytest.mark.cql, pytest.mark.timeout(500)]
 FIGURES = (
     "consume_ceiling_msgs_per_s", "bare_agent_msgs_per_s", "pipeline_msgs_per_s", "pipeline_vs_bare_ratio",
     "batched_readings_per_s", "latency_p50_s", "latency_p99_s", "rows_per_insert", "rss_peak_mb", "rss_growth_ratio",
@@ -22,7 +22,7 @@ FIGURES = (
 def test_bench_prints_every_figure() -> None:
     result = run_cli(
         "bench", "--messages", "6000", "--batched-messages", "300", "--batch-size", "20", "--latency-seconds", "3",
-        "--json", timeout=380,
+        "--sweep-devices", "20,400", "--sweep-messages", "800", "--json", timeout=480,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
@@ -37,5 +37,19 @@ def test_bench_prints_every_figure() -> None:
     # Inserts hold whole batches of rows, not a row or a message at a time.
     assert figures["rows_per_insert"] > 100
     assert "pipeline_vs_bare_ratio" in result.stdout and ">= 0.8" in result.stdout  # the table, with goals
-    for phase in ("1/5", "2/5", "3/5", "4/5", "5/5"):
+    for phase in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6"):
         assert f"bench: {phase}" in result.stderr  # progress was shown
+    # The device sweep: with ScyllaDB (the CQL test server) at 20 and 400 devices, and at 400 without.
+    few, many, many_off = figures["device_sweep"]
+    assert (few["devices"], many["devices"], many_off["devices"]) == (20, 400, 400)
+    assert few["scylla"] and many["scylla"] and not many_off["scylla"]
+    assert figures["device_scaling_ratio"] == pytest.approx(many["msgs_per_s"] / few["msgs_per_s"], rel=0.01)
+    # 800 messages of 20 devices fold into few aggregate rows; of 400 devices into many more ...
+    assert many["aggregate_rows_per_msg"] > 3 * few["aggregate_rows_per_msg"] > 0
+    # ... which go to ScyllaDB in UNLOGGED BATCHes: far fewer requests than rows.
+    assert 0 < many["scylla_requests_per_msg"] < many["aggregate_rows_per_msg"] / 10
+    assert many_off["aggregate_rows_per_msg"] == many_off["scylla_requests_per_msg"] == 0
+    assert many["changelog_records_per_msg"] > few["changelog_records_per_msg"] > 0
+    for key in ("scylla_cpu_us_per_row", "memory_per_device_bytes", "device_scaling_cpu_ratio"):
+        assert isinstance(figures[key], int | float) and math.isfinite(figures[key]), key
+    assert "| devices | ScyllaDB |" in result.stdout  # the sweep table
