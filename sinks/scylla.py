@@ -187,22 +187,23 @@ class RowEncoder:
     both give the same bytes."""
 
     def __init__(self, prepared: Any) -> None:
+        from cassandra.query import BoundStatement
+
         self.prepared = prepared
+        self._bound_statement = BoundStatement
         names = [getattr(column.type, "typename", "") for column in prepared.column_metadata]
         self.packers = [_PACKERS.get(name) for name in names]
         self.fast = all(packer is not None for packer in self.packers)
 
     def bound(self, values: tuple[Any, ...]) -> Any:
         """A bound statement of ``values``, ready to execute or to add to a batch."""
-        from cassandra.query import BoundStatement
-
         if not self.fast or None in values:
             return self.prepared.bind(values)
         try:
             serialized = [pack(value) for pack, value in zip(self.packers, values, strict=True)]  # type: ignore[misc]
         except (struct.error, TypeError, ValueError, AttributeError, UnicodeError) as exc:
             raise FatalSinkError(f"ScyllaDB row {values!r:.200} does not fit its columns: {exc}") from exc
-        statement = BoundStatement(self.prepared)
+        statement = self._bound_statement(self.prepared)
         statement.values = serialized
         return statement
 

@@ -288,19 +288,8 @@ class CqlServer:
         return state["keyspace"], first.lower()
 
     def _value(self, tokens: Tokens, column: str, kind: CqlType, values: list[Any]) -> bytes | object | None:
-        token = tokens.next()
-        if token.text == "?" and token.kind == "symbol":
-            index = tokens.markers
-            tokens.markers += 1
-            if index >= len(values):
-                raise invalid(f"There were {tokens.markers} markers(?) in CQL but {len(values)} bound variables")
-            raw = values[index]
-            if isinstance(raw, bytes) and (raw or kind.name in ("text", "ascii", "blob")):
-                kind.validate(raw, column)
-            return raw
-        if token.kind == "ident" and token.text.lower() == "null":
-            return None
-        return kind.encode_literal(token, column)
+        """The next value of a statement parsed for this execution only (a SELECT's WHERE)."""
+        return self._bound(self._source(tokens, column, kind), values, tokens.markers)
 
     def _prepare(self, query: str, state: dict[str, str | None]) -> bytes:
         markers: list[tuple[str, CqlType]] = []
