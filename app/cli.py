@@ -175,9 +175,10 @@ def _worker_command(faust_args: list[str]) -> int:
         settings = load_settings()
     except SettingsError as exc:
         return _fail(f"invalid setting {exc}")
-    from app.main import create_app  # faust is slow to import; only the worker needs it
+    from app.main import collect_garbage_less_often, create_app  # faust is slow to import; only the worker needs it
 
     app = create_app(settings)
+    collect_garbage_less_often()
     faust_level = {"warning": "warn"}.get(settings.log_level, settings.log_level)  # faust's own spelling
     sys.argv = ["millstream worker", "worker", "--loglevel", faust_level, *faust_args]
     app.main()  # faust's click CLI; exits the process

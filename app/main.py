@@ -6,6 +6,7 @@ nothing from this module (a test fails on any import cycle).
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import faust
@@ -39,6 +40,26 @@ def broker_credentials(kafka: KafkaSettings) -> Any:
         mechanism=kafka.sasl_mechanism,
         ssl_context=context,
     )
+
+
+GC_YOUNG_THRESHOLD = 20_000  # CPython's default is 700 allocations
+
+
+def collect_garbage_less_often() -> None:
+    """Fewer runs of the cyclic garbage collector in the worker, once its start-up is done.
+
+    Every message allocates short-lived containers (rows, tuples, ScyllaDB statements), almost
+    none of them in a cycle. With CPython's default first-generation threshold (700) the
+    collector ran so often at 20,000 devices that it held 14% of the main thread's samples
+    (py-spy --native), each older-generation pass walking everything the worker keeps. So: what
+    exists after start-up (modules, faust's objects) is frozen out of collection, and the young
+    generation is collected every 20,000 allocations. ``millstream bench``, device sweep, one
+    run each way: worker CPU per message at 20,000 devices 438 -> 356 µs, at 200 devices
+    114 -> 106 µs, peak RSS within 3%.
+    """
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def create_app(settings: Settings) -> faust.App:
