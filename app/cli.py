@@ -1,11 +1,12 @@
-"""The ``millstream`` command: ``worker``, ``demo``, ``bench``, ``simulate`` and ``settings``."""
+"""The ``millstream`` command: ``worker``, ``bridge``, ``demo``, ``bench``, ``simulate`` and ``settings``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from app.settings import SettingsError, load_settings, settings_doc, settings_markdown
 
@@ -21,6 +22,13 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     worker.add_argument("faust_args", nargs=argparse.REMAINDER)
+    sub.add_parser(
+        "bridge",
+        help="forward MQTT to Kafka, acknowledging each message to MQTT only once Kafka has it",
+        description="Subscribe to MILLSTREAM_BRIDGE__ROUTES with QoS 1 under a persistent session, produce each "
+        "message to Kafka (acks=all, key = the device id), and acknowledge it to MQTT once Kafka has it, in "
+        "arrival order. Settings: MILLSTREAM_BRIDGE__* and MILLSTREAM_KAFKA__* (docs/mqtt.md).",
+    )
     demo = sub.add_parser(
         "demo",
         help="run the whole pipeline locally (bundled broker, embedded ClickHouse) and count what was stored",
@@ -50,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
         "hours of event time (default tidy)",
     )  # fmt: skip
     simulate.add_argument("--create-topic", action="store_true", help="create the topic if it does not exist")
+    simulate.add_argument(
+        "--mqtt", default=None, metavar="URL",
+        help="publish over MQTT instead (mqtt://host:port, QoS 1, topic devices/<device>/telemetry), for "
+        "millstream bridge to forward to Kafka",
+    )  # fmt: skip
     simulate.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     settings = sub.add_parser("settings", help="validate and print the effective settings (secrets masked)")
     group = settings.add_mutually_exclusive_group()
@@ -81,9 +94,8 @@ def _settings_command(args: argparse.Namespace) -> int:
 
 
 def _simulate_command(args: argparse.Namespace) -> int:
-    import asyncio
 
-    from app.tools.simulator import Simulator, UnrulySimulator, publish
+    from app.tools.simulator import Simulator, UnrulySimulator
 
     for name in ("messages", "devices", "batch_size"):
         if getattr(args, name) < 1:
@@ -113,15 +125,13 @@ def _simulate_command(args: argparse.Namespace) -> int:
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # failures end in our one line below
 
     try:
-        sent = asyncio.run(
-            publish(settings.kafka, simulator, messages=args.messages, rate=args.rate,
-                    create_topic=args.create_topic, progress=progress)
-        )  # fmt: skip
+        sent = _publish(args, settings, simulator, progress)
     except Exception as exc:  # broker unreachable, auth, ...: one clear line, not a traceback
-        return _fail(f"could not publish to {','.join(settings.kafka.bootstrap_servers)}: {type(exc).__name__}: {exc}")
+        where = args.mqtt or ",".join(settings.kafka.bootstrap_servers)
+        return _fail(f"could not publish to {where}: {type(exc).__name__}: {exc}")
     log = simulator.log
     summary = {
-        "topic": settings.kafka.telemetry_topic,
+        "topic": args.mqtt or settings.kafka.telemetry_topic,
         "messages": sent,
         "valid_messages": log.valid_messages,
         "malformed": log.malformed,
@@ -137,6 +147,22 @@ def _simulate_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     return 0
+
+
+def _publish(args: argparse.Namespace, settings: Any, simulator: Any, progress: Callable[[str], None]) -> int:
+    """The simulator's traffic to Kafka, or over MQTT with ``--mqtt``; how many messages."""
+    import asyncio
+
+    from app.tools.simulator import ensure_topic, publish, publish_mqtt
+
+    if args.mqtt:
+        if args.create_topic:  # the bridge produces to it; it does not create topics
+            asyncio.run(ensure_topic(settings.kafka, progress))
+        return publish_mqtt(args.mqtt, simulator, messages=args.messages, rate=args.rate, progress=progress)
+    return asyncio.run(
+        publish(settings.kafka, simulator, messages=args.messages, rate=args.rate, create_topic=args.create_topic,
+                progress=progress)
+    )  # fmt: skip
 
 
 def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -185,6 +211,33 @@ def _worker_command(faust_args: list[str]) -> int:
     return 0
 
 
+def _bridge_command() -> int:
+    import asyncio
+    import logging
+    import signal
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        return _fail(f"invalid setting {exc}")
+    from app.bridge import serve
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the bridge logs its own reconnects
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        await serve(settings, stop)
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:  # the web port taken, say
+        return _fail(f"bridge: {exc}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -193,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     if args.command == "settings":
         return _settings_command(args)
+    if args.command == "bridge":
+        return _bridge_command()
     if args.command == "simulate":
         return _simulate_command(args)
     if args.command == "bench":

@@ -11,6 +11,7 @@ values are never echoed.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -303,6 +304,83 @@ class PipelineSettings(_Group):
     )
 
 
+_MQTT_URL = r"^mqtts?://[^/:@\s]+(:\d{1,5})?/?$"
+
+
+class BridgeSettings(_Group):
+    """``millstream bridge``: MQTT to Kafka, each message acknowledged to MQTT only once Kafka has
+    it (docs/mqtt.md)."""
+
+    mqtt_url: str = Field(
+        "mqtt://localhost:1883", pattern=_MQTT_URL, description="MQTT broker: mqtt://host:port, or mqtts:// for TLS."
+    )
+    routes: CsvList = Field(
+        default_factory=lambda: ["devices/+/telemetry"],
+        description="MQTT topic filters to forward, comma-separated, each FILTER or FILTER=KAFKA_TOPIC (no Kafka "
+        "topic: MILLSTREAM_KAFKA__TELEMETRY_TOPIC). Subscribed with QoS 1.",
+    )  # fmt: skip
+    key_from: str = Field(
+        "topic:2",
+        description="Where the Kafka key (the device id) comes from: topic:N, the Nth level of the MQTT topic "
+        "(1-based, like an IoT rule's topic(N)), or payload:FIELD, a top-level field of the JSON payload.",
+    )  # fmt: skip
+    client_id: str = Field(
+        "millstream-bridge", min_length=1, max_length=128,
+        description="MQTT client id of the persistent session: fixed per bridge process (the pod name), or the "
+        "broker drops what it queued for the old one.",
+    )  # fmt: skip
+    shared_group: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Subscribe as $share/GROUP/FILTER so several bridges share the messages (each its own "
+        "client_id).",
+    )  # fmt: skip
+    username: str | None = Field(None, description="MQTT user name.")
+    password: SecretStr | None = Field(None, description="MQTT password (secret).")
+    ca_file: Path | None = Field(None, description="CA bundle for mqtts://; system CAs when unset.")
+    certfile: Path | None = Field(None, description="Client certificate for mutual TLS to MQTT.")
+    keyfile: Path | None = Field(None, description="Client key for mutual TLS to MQTT.")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive.")
+    max_pending: int = Field(
+        10_000, ge=1, le=1_000_000,
+        description="Messages received and not yet acknowledged at most; past it the bridge stops reading from "
+        "MQTT until Kafka catches up (the broker's own in-flight limit usually binds first).",
+    )  # fmt: skip
+    topic_header: bool = Field(True, description="Stamp each Kafka record with its MQTT topic (header mqtt.topic).")
+    idempotent: bool = Field(
+        True,
+        description="Idempotent producer: a produce request retried after a lost answer is not written twice "
+        "(needs InitProducerId; MSK and Kafka have it, the tansu test broker does not).",
+    )  # fmt: skip
+    web_port: int = Field(6067, ge=1, le=65535, description="Port of the bridge's /metrics, /healthz, /readyz.")
+
+    @field_validator("key_from")
+    @classmethod
+    def _key_rule(cls, value: str) -> str:
+        if not re.fullmatch(r"topic:[1-9][0-9]{0,2}|payload:[A-Za-z_][A-Za-z0-9_]{0,63}", value):
+            raise ValueError(f"{value!r} is neither topic:N (N from 1) nor payload:FIELD")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> BridgeSettings:
+        for route in self.routes:
+            mqtt_filter, _, kafka_topic = route.partition("=")
+            if not mqtt_filter.strip() or ("=" in route and not kafka_topic.strip()):
+                raise ValueError(f"{ENV_PREFIX}BRIDGE__ROUTES: {route!r} is not FILTER or FILTER=KAFKA_TOPIC")
+            levels = mqtt_filter.strip().split("/")
+            if any(("#" in level and (level != "#" or i != len(levels) - 1)) or ("+" in level and level != "+")
+                   for i, level in enumerate(levels)):  # fmt: skip
+                raise ValueError(f"{ENV_PREFIX}BRIDGE__ROUTES: {mqtt_filter!r} is not a valid MQTT topic filter")
+        if not self.routes:
+            raise ValueError(f"{ENV_PREFIX}BRIDGE__ROUTES: needs at least one topic filter")
+        if self.username and self.password is None:
+            raise ValueError(
+                f"{ENV_PREFIX}BRIDGE__USERNAME is set without {ENV_PREFIX}BRIDGE__PASSWORD (no silent anonymous login)"
+            )
+        return self
+
+    _split = field_validator("routes", mode="before")(_split_csv)
+
+
 class Settings(BaseSettings):
     """All of millstream's settings. Read with :func:`load_settings`."""
 
@@ -320,6 +398,7 @@ class Settings(BaseSettings):
     windows: WindowSettings = Field(default_factory=WindowSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    bridge: BridgeSettings = Field(default_factory=BridgeSettings)
     store: Literal["rocksdb", "memory"] = Field(
         "rocksdb", description="Table store: rocksdb (production) or memory (tests)."
     )

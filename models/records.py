@@ -30,6 +30,7 @@ class RejectReason(enum.StrEnum):
     TOO_MANY_METRICS = "too_many_metrics"  # a reading with more metrics than limits.max_metrics_per_reading
     STATE_TOO_LARGE = "state_too_large"  # applying it would grow its device's state past limits.max_state_bytes
     INTERNAL_ERROR = "internal_error"  # millstream raised while handling it (a bug): isolated, kept for replay
+    UNROUTED = "unrouted"  # (millstream bridge) an MQTT topic that no route of MILLSTREAM_BRIDGE__ROUTES names
 
 
 @dataclass(slots=True)

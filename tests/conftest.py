@@ -10,6 +10,7 @@ from tests.support.fixtures import (  # noqa: F401 - fixtures are found by name
     cql_faults,
     cql_server,
     kafka_broker,
+    mosquitto,
     prometheus_factory,
     servers_dir,
     world,

@@ -214,6 +214,18 @@ class Simulator:
             yield key, value
 
 
+async def ensure_topic(kafka: KafkaSettings, progress: Callable[[str], None]) -> None:
+    """Create the telemetry topic unless it exists."""
+    from app.tools.broker import create_topics
+
+    created = await create_topics(
+        [kafka.telemetry_topic], partitions=kafka.partitions, replication_factor=kafka.replication_factor,
+        **kafka_client_options(kafka),
+    )  # fmt: skip
+    if created:
+        progress(f"created topic {kafka.telemetry_topic} ({kafka.partitions} partitions)")
+
+
 async def publish(
     kafka: KafkaSettings,
     simulator: Simulator,
@@ -226,15 +238,9 @@ async def publish(
     """Send ``messages`` simulated messages to the telemetry topic; returns how many."""
     from aiokafka import AIOKafkaProducer
 
-    from app.tools.broker import create_topics
-
     options = kafka_client_options(kafka)
     if create_topic:
-        created = await create_topics(
-            [kafka.telemetry_topic], partitions=kafka.partitions, replication_factor=kafka.replication_factor, **options
-        )
-        if created:
-            progress(f"created topic {kafka.telemetry_topic} ({kafka.partitions} partitions)")
+        await ensure_topic(kafka, progress)
     # Large enough for every message the simulator makes (twice max_message_bytes at most).
     producer = AIOKafkaProducer(linger_ms=5, acks="all", max_request_size=8 * 1024 * 1024, **options)
     try:
@@ -245,6 +251,55 @@ async def publish(
         return await send_paced(producer, kafka.telemetry_topic, stream, rate=rate, progress=progress)
     finally:
         await producer.stop()
+
+
+MQTT_TOPIC = "devices/{device}/telemetry"  # the bridge's default route keys on level 2
+
+
+def publish_mqtt(
+    url: str, simulator: Simulator, *, messages: int, rate: float | None, progress: Callable[[str], None]
+) -> int:
+    """Publish ``messages`` simulated messages over MQTT with QoS 1, each to
+    ``devices/<device id>/telemetry``, as devices would (for ``millstream bridge``); returns how
+    many once the broker has acknowledged every one. Blocking."""
+    from urllib.parse import urlsplit
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError(f"--mqtt {url!r} is not mqtt://host:port")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv311)
+    client.max_inflight_messages_set(200)
+    client.max_queued_messages_set(0)  # paho keeps what it could not send yet and sends it on reconnect
+    if parts.scheme == "mqtts":
+        client.tls_set()
+    if parts.username:
+        client.username_pw_set(parts.username, parts.password)
+    acknowledged = [0]  # PUBACKs; paho queues what it cannot send yet and sends it on reconnect
+    client.on_publish = lambda *args: acknowledged.__setitem__(0, acknowledged[0] + 1)
+    client.connect(parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883), keepalive=30)
+    client.loop_start()
+    try:
+        stream = list(simulator.messages(messages)) + list(simulator.flush())
+        started = last = time.monotonic()
+        for sent, (key, value, *_stamp) in enumerate(stream, 1):
+            client.publish(MQTT_TOPIC.format(device=key.decode()), value, qos=1)
+            if rate and sent % 20 == 0 and (ahead := sent / rate - (time.monotonic() - started)) > 0:
+                time.sleep(ahead)
+            if time.monotonic() - last >= 5:
+                last = time.monotonic()
+                progress(f"published {sent}/{len(stream)} messages ({sent / (last - started):.0f}/s)")
+        waited = time.monotonic()
+        while acknowledged[0] < len(stream):
+            if time.monotonic() - waited > 120:
+                raise ConnectionError(f"{len(stream) - acknowledged[0]} messages not acknowledged after 120 s")
+            time.sleep(0.05)
+        return len(stream)
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 UNRULY_METRICS = (*METRIC_PROFILES, "current_a", "flow_lpm", "torque_nm", "oil_temp", "voltage", "co2_ppm")

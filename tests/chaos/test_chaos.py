@@ -13,6 +13,7 @@ import asyncio
 import os
 import random
 import signal
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -30,8 +31,10 @@ from tests.support.audit import (
     stored_rows,
     wait_until_complete,
 )
+from tests.support.mqtt import BridgeProcess, Devices, bridge_settings, wait_forwarded
 from tests.support.poison import KINDS, poison
 from tests.support.proxy import DelayProxy
+from tests.support.servers import MosquittoServer
 from tests.support.world import World, produce
 
 pytestmark = [pytest.mark.chaos, pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.cql, pytest.mark.timeout(480)]
@@ -284,3 +287,78 @@ def test_unruly_factory_traffic(world: World, record: Record) -> None:
     reasons = result.details["dlq_reasons"]
     assert isinstance(reasons, dict) and {"bad_timestamp", "future_timestamp", "too_large"} <= set(reasons)
     assert result.details.get("dlq_truncated") == 1  # twice the limit: its DLQ copy is truncated
+
+
+# ---- the MQTT hop: devices -> Mosquitto -> millstream bridge -> Kafka -> workers -> stores
+
+
+def through_mqtt(world: World, record: Record, mosquitto: MosquittoServer, scenario: str, seed: int,
+                 fault: Callable[[BridgeProcess], None]) -> Audit:  # fmt: skip
+    """The simulator's traffic published over MQTT (QoS 1) while ``fault`` strikes; the audit
+    is the pipeline's: everything the devices published is stored once, every aggregate exact.
+    Re-sends after a fault are duplicates in Kafka, counted in the report."""
+    traffic, log = simulate(5000, seed=seed, malformed=0.0)
+    settings = bridge_settings(world.broker.bootstrap, world.topic, world.dlq_topic, mosquitto.url)
+    bridge = BridgeProcess(world.workdir, settings).start()
+    worker = world.start_worker()
+    try:
+        bridge.wait_ready()
+        worker.wait_ready()
+        devices = Devices(mosquitto.url)
+        publisher = threading.Thread(target=devices.publish, args=(traffic, 250), daemon=True)
+        publisher.start()
+        wait_for_rows(world)
+        fault(bridge)
+        fault_end = time.monotonic()
+        publisher.join(120)
+        devices.wait_acknowledged(240)
+        devices.close()
+        in_kafka = wait_forwarded(world.broker.bootstrap, world.topic, len(traffic))
+        redelivered = metric_value(bridge.metrics(), "millstream_bridge_redelivered_total")
+        return finish(world, record, scenario, log, in_kafka, fault_end, mqtt_published=len(traffic),
+                      kafka_duplicates=in_kafka - len(traffic), bridge_starts=bridge.starts,
+                      redelivered_since_last_start=redelivered)  # fmt: skip
+    finally:
+        bridge.stop()
+        print(f"--- bridge log ---\n{bridge.tail()}")
+
+
+def test_mqtt_bridge_killed_mid_stream(world: World, record: Record, mosquitto: MosquittoServer) -> None:
+    in_flight: list[float] = []
+
+    def kill_and_restart(bridge: BridgeProcess) -> None:
+        # Kafka held for 3 s first, so that the kill lands with hundreds of messages received and
+        # sent to Kafka but not acknowledged to MQTT (some of them written once Kafka resumes).
+        os.kill(world.broker.pid, signal.SIGSTOP)
+        try:
+            time.sleep(3)
+            in_flight.append(metric_value(bridge.metrics(), "millstream_bridge_in_flight"))
+            bridge.kill9()
+        finally:
+            os.kill(world.broker.pid, signal.SIGCONT)
+        time.sleep(2)
+        bridge.start()  # the same client id: its persistent session, with what was not acknowledged
+
+    result = through_mqtt(world, record, mosquitto, "MQTT bridge kill -9 mid-stream", 40, kill_and_restart)
+    assert in_flight[0] > 0 and result.details["redelivered_since_last_start"] > 0, (in_flight, result.details)
+
+
+def test_mqtt_kafka_frozen_behind_the_bridge(world: World, record: Record, mosquitto: MosquittoServer) -> None:
+    def freeze_kafka(bridge: BridgeProcess) -> None:
+        os.kill(world.broker.pid, signal.SIGSTOP)
+        try:
+            time.sleep(20)
+        finally:
+            os.kill(world.broker.pid, signal.SIGCONT)
+
+    through_mqtt(world, record, mosquitto, "MQTT bridge, Kafka frozen 20 s (SIGSTOP)", 41, freeze_kafka)
+
+
+def test_mqtt_broker_restarted(world: World, record: Record, mosquitto: MosquittoServer) -> None:
+    def restart_mosquitto(bridge: BridgeProcess) -> None:
+        time.sleep(2)
+        mosquitto.stop()  # SIGTERM: Mosquitto saves its sessions and their queued messages
+        time.sleep(2)
+        mosquitto.start()
+
+    through_mqtt(world, record, mosquitto, "MQTT broker (Mosquitto) restarted", 42, restart_mosquitto)

@@ -229,10 +229,19 @@ def test_compose_file_validates_and_passes_valid_settings() -> None:
     result = subprocess.run([compose, "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
-    assert {"kafka", "scylla", "clickhouse", "prometheus", "grafana", "mosquitto", "simulator"} <= set(services)
+    assert {"kafka", "scylla", "clickhouse", "prometheus", "grafana", "mosquitto", "bridge", "simulator"} <= set(
+        services
+    )
     workers = [name for name, s in services.items() if s.get("command") == ["worker"]]
     assert len(workers) == 2
-    for name in [*workers, "simulator"]:
+    # devices -> MQTT -> bridge -> Kafka: the simulator publishes to the Mosquitto the bridge reads
+    simulator, bridge = services["simulator"], services["bridge"]
+    assert (
+        simulator["command"][simulator["command"].index("--mqtt") + 1]
+        == bridge["environment"]["MILLSTREAM_BRIDGE__MQTT_URL"]
+    )
+    assert bridge["command"] == ["bridge"] and "mosquitto" in bridge["depends_on"]
+    for name in [*workers, "simulator", "bridge"]:
         env = {k: str(v) for k, v in services[name]["environment"].items()}
         result = _settings_check(env)
         assert result.returncode == 0, f"{name}: {result.stderr}"

@@ -18,6 +18,7 @@ from tests.support.cql import CqlServer
 from tests.support.servers import (
     ClickHouseServer,
     ManagedProcess,
+    MosquittoServer,
     PrometheusServer,
     ServerUnavailable,
     TansuBroker,
@@ -62,6 +63,13 @@ def kafka_broker(servers_dir: Path) -> Iterator[TansuBroker]:
 @pytest.fixture(scope="session")
 def clickhouse_server(servers_dir: Path) -> Iterator[ClickHouseServer]:
     server = _build(lambda: ClickHouseServer(servers_dir / "clickhouse"))
+    yield from _served(server)  # type: ignore[misc]
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[MosquittoServer]:
+    """A Mosquitto of the test's own (a scenario may restart it), persistence on."""
+    server = _build(lambda: MosquittoServer(tmp_path / "mosquitto"))
     yield from _served(server)  # type: ignore[misc]
 
 

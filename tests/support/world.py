@@ -203,8 +203,8 @@ async def committed_total(bootstrap: str, group: str, topic: str) -> int:
         await consumer.stop()
 
 
-async def read_dlq(bootstrap: str, topic: str, expected: int, wait_s: float = 30) -> list[Any]:
-    """Everything on the DLQ topic: wait for ``expected`` records, then make sure no more come."""
+async def read_topic(bootstrap: str, topic: str, expected: int, wait_s: float = 30) -> list[Any]:
+    """Everything on a topic (the DLQ, say): wait for ``expected`` records, then make sure no more come."""
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None,
         max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=16 * 1024 * 1024,
@@ -221,3 +221,6 @@ async def read_dlq(bootstrap: str, topic: str, expected: int, wait_s: float = 30
     finally:
         await consumer.stop()
     return records
+
+
+read_dlq = read_topic
