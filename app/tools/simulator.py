@@ -256,6 +256,16 @@ async def publish(
 MQTT_TOPIC = "devices/{device}/telemetry"  # the bridge's default route keys on level 2
 
 
+def topic_level(key: bytes) -> str:
+    """A device id as one MQTT topic level: wildcards, separators and NUL replaced by ``_`` (the
+    bridge then keys it differently and the worker rejects it as ``key_mismatch``, as a real
+    device with such an id would be)."""
+    level = key.decode(errors="replace")
+    for bad in "/+#\0":
+        level = level.replace(bad, "_")
+    return level or "_"
+
+
 def publish_mqtt(
     url: str, simulator: Simulator, *, messages: int, rate: float | None, progress: Callable[[str], None]
 ) -> int:
@@ -285,7 +295,7 @@ def publish_mqtt(
         stream = list(simulator.messages(messages)) + list(simulator.flush())
         started = last = time.monotonic()
         for sent, (key, value, *_stamp) in enumerate(stream, 1):
-            client.publish(MQTT_TOPIC.format(device=key.decode()), value, qos=1)
+            client.publish(MQTT_TOPIC.format(device=topic_level(key)), value, qos=1)
             if rate and sent % 20 == 0 and (ahead := sent / rate - (time.monotonic() - started)) > 0:
                 time.sleep(ahead)
             if time.monotonic() - last >= 5:

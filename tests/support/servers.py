@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from app.tools.broker import free_port, stop_process
+from app.tools.broker import MOSQUITTO_CONFIG, free_port, mosquitto_binary, stop_process
 
 _STARTED: list[ManagedProcess] = []
 
@@ -269,22 +269,6 @@ class PrometheusServer(ManagedProcess):
             return False
 
 
-MOSQUITTO_CONFIG = """\
-listener {port} 127.0.0.1
-allow_anonymous true
-persistence true
-persistence_location {workdir}/
-autosave_interval 1
-# docs/mqtt.md: with a bridge in front of Kafka, raise both limits (defaults 20 and 1000; past
-# max_queued_messages a persistent session's QoS 1 messages are dropped while it is offline).
-max_inflight_messages 1000
-max_queued_messages 1000000
-log_dest stdout
-log_type error
-log_type warning
-"""
-
-
 class MosquittoServer(ManagedProcess):
     """Mosquitto from Debian's package, with persistence on: a restart (SIGTERM, then start) keeps
     persistent sessions and their queued QoS 1 messages."""
@@ -293,9 +277,7 @@ class MosquittoServer(ManagedProcess):
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(workdir)
-        binary = shutil.which("mosquitto") or next(
-            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
-        )
+        binary = mosquitto_binary()
         if binary is None:
             raise ServerUnavailable("Mosquitto: apt-get install -y mosquitto")
         self.binary = binary

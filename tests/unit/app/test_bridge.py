@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from app.bridge import AckQueue, Bridge, Pending, topic_matches
 from app.settings import BridgeSettings, LimitSettings, Settings
+from app.tools.simulator import topic_level
 from models.records import RejectReason
 
 
@@ -87,3 +88,11 @@ def test_a_closed_connection_abandons_its_messages_and_they_block_nothing() -> N
     queue.done(new[0])
     queue.done(old[1])  # Kafka answers an abandoned one late: nothing to ack for it
     assert [(e.epoch, e.mid) for e in acked] == [(2, 1)]
+
+
+@pytest.mark.parametrize(
+    ("key", "level"),
+    [(b"sensor-0001", "sensor-0001"), (b"a/b", "a_b"), (b"+#", "__"), (b"", "_"), (b"\xff", "\ufffd")],
+)
+def test_simulated_device_ids_become_one_topic_level(key: bytes, level: str) -> None:
+    assert topic_level(key) == level
