@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from app.bridge import KeyRule, Unkeyed
 from app.tools.local import metric_value
 from tests.support.helpers import run_cli
-from tests.support.mqtt import BridgeProcess, Devices, bridge_settings
+from tests.support.mqtt import BridgeProcess, Devices, bridge_settings, wait_forwarded
 from tests.support.servers import MosquittoServer, TansuBroker
 from tests.support.world import create_topic, read_topic
 
@@ -170,3 +171,37 @@ def test_a_bad_bridge_setting_stops_the_start_with_one_line() -> None:
         "millstream: invalid setting MILLSTREAM_BRIDGE__KEY_FROM: 'device' is neither topic:N (N from 1) nor "
         "payload:FIELD"
     ]
+
+
+def test_a_kafka_that_stops_answering_costs_a_reconnect_not_a_message(
+    tmp_path: Path, kafka_broker: TansuBroker, mosquitto: MosquittoServer, names: tuple[str, str]
+) -> None:
+    # A 3 s request timeout (production: 40 s) so that a broker that stops answering fails the
+    # bridge's sends within the test: the bridge must then close its MQTT session, start over
+    # and let Mosquitto redeliver what it had not acknowledged.
+    bridge = start_bridge(tmp_path, kafka_broker, mosquitto, names, KAFKA__REQUEST_TIMEOUT_S="3",
+                          KAFKA__SESSION_TIMEOUT_S="3")  # fmt: skip
+    traffic = [(f"dev-{i % 7}".encode(), b'{"seq":%d}' % i) for i in range(600)]
+    devices = Devices(mosquitto.url)
+    try:
+        devices.publish(traffic[:200])
+        devices.wait_acknowledged()
+        kafka_broker.pause()
+        try:
+            devices.publish(traffic[200:400])
+            time.sleep(10)
+        finally:
+            kafka_broker.resume()
+        devices.publish(traffic[400:])
+        devices.wait_acknowledged()
+        in_kafka = wait_forwarded(kafka_broker.bootstrap, names[0], len(traffic))
+        bridge.wait_ready()
+        text = bridge.metrics()
+    finally:
+        devices.close()
+        bridge.stop()
+        print(f"--- bridge log ---\n{bridge.tail()}")
+    records = asyncio.run(read_topic(kafka_broker.bootstrap, names[0], in_kafka))
+    assert {(r.key, r.value) for r in records} == set(traffic)  # every one, duplicates allowed
+    assert metric_value(text, "millstream_bridge_errors_total", 'kind="kafka"') >= 1
+    assert bridge.proc is not None and bridge.proc.returncode == 0  # it reconnected; it did not crash

@@ -125,7 +125,16 @@ def _layouts(tmp_path: Path) -> dict[str, Path]:
              "components": [os.path.relpath(DEPLOY / "components" / "hpa", hpa)]}
         )
     )  # fmt: skip
-    return {"base": DEPLOY / "base", "msk": DEPLOY / "overlays" / "msk", "base+hpa": hpa}
+    bridge = tmp_path / "bridge"
+    bridge.mkdir()
+    (bridge / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+             "resources": [os.path.relpath(DEPLOY / "base", bridge)],
+             "components": [os.path.relpath(DEPLOY / "components" / "mqtt-bridge", bridge)]}
+        )
+    )  # fmt: skip
+    return {"base": DEPLOY / "base", "msk": DEPLOY / "overlays" / "msk", "base+hpa": hpa, "base+mqtt-bridge": bridge}
 
 
 def test_rendered_manifests_validate_against_the_kubernetes_schemas(tmp_path: Path) -> None:
@@ -205,6 +214,34 @@ def test_every_setting_the_manifests_pass_is_valid(tmp_path: Path) -> None:
     msk = _by_kind(render(DEPLOY / "overlays" / "msk"))["ConfigMap"]["data"]
     assert msk["MILLSTREAM_KAFKA__SECURITY_PROTOCOL"] == "SASL_SSL"
     assert all(server.endswith(":9096") for server in msk["MILLSTREAM_KAFKA__BOOTSTRAP_SERVERS"].split(","))
+
+
+def test_the_bridge_component_hangs_together(tmp_path: Path) -> None:
+    docs = render(_layouts(tmp_path)["base+mqtt-bridge"])
+    bridge = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "millstream-bridge")
+    worker = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "millstream")
+    pod = bridge["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == worker["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert container["args"] == ["bridge"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MILLSTREAM_BRIDGE__CLIENT_ID"] == "$(POD_NAME)"  # a restarted pod resumes its own session
+    # The workers' Service, PodDisruptionBudget and ServiceMonitor must not select bridge pods.
+    labels = pod["metadata"]["labels"]
+    for doc in docs:
+        if (
+            doc["kind"] in ("Service", "PodDisruptionBudget", "ServiceMonitor")
+            and doc["metadata"]["name"] == "millstream"
+        ):
+            wanted = doc["spec"]["selector"]
+            wanted = wanted.get("matchLabels", wanted)
+            assert not wanted.items() <= labels.items(), doc["kind"]
+    config = _by_kind(docs)["ConfigMap"]["data"]
+    secret = yaml.safe_load((DEPLOY / "base" / "secret.example.yaml").read_text())["stringData"]
+    bridge_env = {k: v for k, v in env.items() if k.startswith("MILLSTREAM_")} | {"MILLSTREAM_BRIDGE__CLIENT_ID": "b-0"}
+    result = _settings_check({**config, **secret, **bridge_env})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["bridge"]["client_id"] == "b-0"
 
 
 def test_settings_check_catches_a_misspelt_variable() -> None:
