@@ -42,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
         "to Kafka",
     )  # fmt: skip
     _bench_parser(sub)
+    _simulate_parser(sub)
+    settings = sub.add_parser("settings", help="validate and print the effective settings (secrets masked)")
+    group = settings.add_mutually_exclusive_group()
+    group.add_argument("--doc", action="store_true", help="list every variable with default and meaning")
+    group.add_argument("--markdown", action="store_true", help="the settings table as Markdown")
+    return parser
+
+
+def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     simulate = sub.add_parser(
         "simulate",
         help="publish realistic factory telemetry to the telemetry topic",
@@ -69,11 +78,6 @@ def _parser() -> argparse.ArgumentParser:
         "millstream bridge to forward to Kafka",
     )  # fmt: skip
     simulate.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
-    settings = sub.add_parser("settings", help="validate and print the effective settings (secrets masked)")
-    group = settings.add_mutually_exclusive_group()
-    group.add_argument("--doc", action="store_true", help="list every variable with default and meaning")
-    group.add_argument("--markdown", action="store_true", help="the settings table as Markdown")
-    return parser
 
 
 def _fail(message: str) -> int:
