@@ -54,7 +54,12 @@ GOALS: dict[str, tuple[str, float]] = {
     "rss_growth_ratio": ("<=", 1.1),
     "device_scaling_ratio": (">=", 0.7),
     "scylla_cpu_us_per_row": ("<=", 30),
+    "pipeline_vs_quix_ratio": (">=", 1.0),
+    "batched_vs_quix_ratio": (">=", 1.0),
 }
+# Quix Streams derives its changelog topics' settings from the source topic's retention.ms,
+# which tansu describes only when the topic was created with it (7 days, Kafka's default).
+TOPIC_CONFIGS = {"retention.ms": "604800000"}
 SCALING_DEVICES = 20_000  # device_scaling_ratio: the rate here (or the largest point below) / the smallest point
 
 
@@ -234,7 +239,7 @@ class Bench:
         self.broker.start()
         bootstrap = self.broker.bootstrap
         topics = ["bench-single", "bench-batched", "bench-live"]
-        asyncio.run(create_topics(topics, partitions=o.partitions, bootstrap_servers=bootstrap))
+        asyncio.run(create_topics(topics, partitions=o.partitions, configs=TOPIC_CONFIGS, bootstrap_servers=bootstrap))
         self.say(f"generating and producing {o.messages} single-reading messages from {o.devices} devices")
         single = _messages(o, batched=False, count=o.messages, seed=1)
         produce_rate = asyncio.run(_produce(bootstrap, "bench-single", single, None))
@@ -247,24 +252,26 @@ class Bench:
         self.say(f"millstream's own work alone: {cpu_msgs:,.0f} msgs/s, {cpu_readings:,.0f} readings/s batched")
         del single, batched
 
-        self.say("1/6 ceiling: plain aiokafka consumer")
+        self.say("1/7 ceiling: plain aiokafka consumer")
         ceiling = asyncio.run(_consume_ceiling(bootstrap, "bench-single", o.messages, limit_s=600))
         self.say(f"    {ceiling:,.0f} msgs/s")
-        self.say("2/6 bare faust agent that only counts (faust as installed, then with the worker's faust tuning)")
+        self.say("2/7 bare faust agent that only counts (faust as installed, then with the worker's faust tuning)")
         bare_clock = self._bare(bootstrap, o.messages, "stock")
         bare_tuned_clock = self._bare(bootstrap, o.messages, "tuned")
         bare, bare_tuned = bare_clock.rate(), bare_tuned_clock.rate()
         self.say(f"    {bare:,.0f} msgs/s; {bare_tuned:,.0f} msgs/s tuned")
-        self.say("3/6 full pipeline, single-reading messages")
+        self.say("3/7 the same job in Quix Streams (decode, 1 min and 1 h windows with changelogs, raw rows to chdb)")
+        quix = self._quix(bootstrap, o.messages, o.batched_messages * o.batch_size)
+        self.say("4/7 full pipeline, single-reading messages")
         pipeline_clock, pipeline_text, pipeline_rss = self._pipeline("pipeline", "bench-single", o.messages)
         pipeline = pipeline_clock.rate()
         self.say(f"    {pipeline:,.0f} msgs/s")
-        self.say(f"4/6 full pipeline, {o.batch_size} readings per message")
+        self.say(f"5/7 full pipeline, {o.batch_size} readings per message")
         batched_clock, batched_text, batched_rss = self._pipeline("batched", "bench-batched", o.batched_messages)
         batched_rate = batched_clock.rate() * o.batch_size
         self.say(f"    {batched_rate:,.0f} readings/s")
         live_rate = max(50.0, pipeline / 2) if not math.isnan(pipeline) else 1000.0
-        self.say(f"5/6 latency at {live_rate:,.0f} msgs/s for {o.latency_seconds:.0f}s (half the pipeline rate)")
+        self.say(f"6/7 latency at {live_rate:,.0f} msgs/s for {o.latency_seconds:.0f}s (half the pipeline rate)")
         latency_text, latency_rss = self._latency(live_rate)
         sweep = self._sweep()
 
@@ -315,7 +322,57 @@ class Bench:
             "rows_per_insert": round(rows / inserts) if inserts else 0,
             "rss_peak_mb": round(max(pipeline_rss + batched_rss + latency_rss), 1),
             "rss_growth_ratio": round(half[-1] / half[0], 3) if len(half) >= 2 else 1.0,
+            **self._versus_quix(quix, pipeline, pipeline_clock, batched_rate),
             **sweep,
+        }
+
+    def _quix(self, bootstrap: str, messages: int, batched_readings: int) -> dict[str, Any]:
+        """Quix Streams on the single-reading and the batched topic, each in a process of its
+        own (app/tools/bench_quix.py); {} with a note when it is not installed."""
+        try:
+            import quixstreams  # noqa: F401
+        except ImportError:
+            self.say("    skipped: Quix Streams is not installed (pip install -e '.[bench]')")
+            return {}
+        o = self.options
+        runs: dict[str, Any] = {}
+        for name, topic, total in (("single", "bench-single", messages), ("batched", "bench-batched",
+                                                                           o.batched_messages)):  # fmt: skip
+            workdir = self.workdir / f"quix-{name}"
+            workdir.mkdir(exist_ok=True)
+            with open(self.workdir / "quix.log", "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "app.tools.bench_quix", bootstrap, topic, f"bench-quix-{name}",
+                     str(workdir), str(total)], stdout=subprocess.PIPE, stderr=log,
+                )  # fmt: skip
+            self.children.append(lambda proc=proc: stop_process(proc, 30))  # type: ignore[misc]
+            out, _ = proc.communicate(timeout=900)
+            if proc.returncode != 0:
+                raise RuntimeError(f"the Quix Streams job exited with {proc.returncode}; see {self.workdir}/quix.log")
+            runs[name] = json.loads(out.decode().strip().splitlines()[-1])
+        single, batched = runs["single"], runs["batched"]
+        result = {
+            "quix_msgs_per_s": round(single["messages"] / single["seconds"]),
+            "quix_process_cpu_us_per_msg": round(single["cpu_s"] / single["messages"] * 1e6, 1),
+            "quix_readings_per_s": round(batched_readings / batched["seconds"]),
+            "quix_batched_process_cpu_us_per_reading": round(batched["cpu_s"] / batched_readings * 1e6, 2),
+        }
+        self.say(f"    {result['quix_msgs_per_s']:,} msgs/s; {result['quix_readings_per_s']:,} readings/s batched")
+        return result
+
+    @staticmethod
+    def _versus_quix(
+        quix: dict[str, Any], pipeline: float, pipeline_clock: RateClock, batched: float
+    ) -> dict[str, Any]:
+        if not quix:
+            return {"quix": "skipped: Quix Streams not installed (pip install -e '.[bench]')"}
+        return {
+            **quix,
+            "pipeline_vs_quix_ratio": round(pipeline / quix["quix_msgs_per_s"], 3),
+            "pipeline_vs_quix_cpu_ratio": round(
+                quix["quix_process_cpu_us_per_msg"] / pipeline_clock.cpu_us_per_message(), 3
+            ),
+            "batched_vs_quix_ratio": round(batched / quix["quix_readings_per_s"], 3),
         }
 
     def _bare(self, bootstrap: str, total: int, shape: str) -> RateClock:
@@ -436,12 +493,12 @@ class Bench:
             return {}
         where = self._scylla_hosts()
         if where is None:
-            self.say("6/6 device sweep skipped: no --scylla HOSTS and no CQL test server (tests/ of a checkout)")
+            self.say("7/7 device sweep skipped: no --scylla HOSTS and no CQL test server (tests/ of a checkout)")
             return {"device_sweep": "skipped: needs --scylla HOSTS or a checkout with tests/support/cql"}
         hosts, port = where
         scaling = max((d for d in points if d <= SCALING_DEVICES), default=points[0])
         runs = [(devices, True) for devices in points] + [(scaling, False)]
-        self.say(f"6/6 device sweep, ScyllaDB at {hosts}:{port}: {', '.join(f'{d:,}' for d in points)} devices, "
+        self.say(f"7/7 device sweep, ScyllaDB at {hosts}:{port}: {', '.join(f'{d:,}' for d in points)} devices, "
                  f"then {scaling:,} without ScyllaDB")  # fmt: skip
         rows = [self._sweep_point(devices, (hosts, port) if scylla else None) for devices, scylla in runs]
         on = {r["devices"]: r for r in rows if r["scylla"]}

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 
 class BrokerUnavailable(RuntimeError):
@@ -136,23 +137,21 @@ class LocalMosquitto:
         stop_process(self.proc, 10)
 
 
-async def create_topics(
-    names: list[str], *, partitions: int, replication_factor: int = 1, **client_options: object
-) -> list[str]:
-    """Create the topics that do not exist yet (aiokafka client options: bootstrap, TLS, SASL);
-    returns the names created."""
+async def create_topics(names: list[str], *, partitions: int, replication_factor: int = 1, **options: Any) -> list[str]:
+    """Create the topics that do not exist yet; returns the names created. ``options``: the
+    aiokafka client's (bootstrap, TLS, SASL), and ``configs``, topic settings for every one."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
-    admin = AIOKafkaAdminClient(**client_options)
+    configs: dict[str, str] = options.pop("configs", None) or {}
+    admin = AIOKafkaAdminClient(**options)
     await admin.start()
     created = []
     try:
         for name in names:
+            topic = NewTopic(name, partitions, replication_factor, topic_configs=configs)
             try:
-                await admin.create_topics(
-                    [NewTopic(name, num_partitions=partitions, replication_factor=replication_factor)]
-                )
+                await admin.create_topics([topic])
             except TopicAlreadyExistsError:
                 continue
             created.append(name)

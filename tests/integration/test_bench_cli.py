@@ -15,7 +15,9 @@ FIGURES = (
     "batched_readings_per_s", "latency_p50_s", "latency_p99_s", "rows_per_insert", "rss_peak_mb", "rss_growth_ratio",
     "bare_tuned_msgs_per_s", "pipeline_cpu_msgs_per_s", "pipeline_cpu_readings_per_s",
     "bare_agent_process_cpu_us_per_msg", "pipeline_process_cpu_us_per_msg", "pipeline_vs_bare_cpu_ratio",
-    "batched_process_cpu_us_per_reading",
+    "batched_process_cpu_us_per_reading", "quix_msgs_per_s", "quix_readings_per_s", "quix_process_cpu_us_per_msg",
+    "quix_batched_process_cpu_us_per_reading", "pipeline_vs_quix_ratio", "batched_vs_quix_ratio",
+    "pipeline_vs_quix_cpu_ratio",
 )  # fmt: skip
 
 
@@ -37,7 +39,15 @@ def test_bench_prints_every_figure() -> None:
     # Inserts hold whole batches of rows, not a row or a message at a time.
     assert figures["rows_per_insert"] > 100
     assert "pipeline_vs_bare_ratio" in result.stdout and ">= 0.8" in result.stdout  # the table, with goals
-    for phase in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6"):
+    # The peer: the same job in Quix Streams (the bench extra, installed by `.[test]`).
+    assert figures["pipeline_vs_quix_ratio"] == pytest.approx(
+        figures["pipeline_msgs_per_s"] / figures["quix_msgs_per_s"], rel=0.01
+    )
+    assert figures["batched_vs_quix_ratio"] == pytest.approx(
+        figures["batched_readings_per_s"] / figures["quix_readings_per_s"], rel=0.01
+    )
+    assert "pipeline_vs_quix_ratio" in result.stdout and ">= 1" in result.stdout
+    for phase in ("1/7", "2/7", "3/7", "4/7", "5/7", "6/7", "7/7"):
         assert f"bench: {phase}" in result.stderr  # progress was shown
     # The device sweep: with ScyllaDB (the CQL test server) at 20 and 400 devices, and at 400 without.
     few, many, many_off = figures["device_sweep"]
