@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
 
     bootstrap, topic_name, group, workdir, total = argv[0], argv[1], argv[2], Path(argv[3]), int(argv[4])
 
-    class ChdbRawSink(BatchingSink):  # type: ignore[misc]  # Quix's classes are untyped here
+    class ChdbRawSink(BatchingSink):
         """Raw rows to embedded ClickHouse, one INSERT per checkpoint and partition."""
 
         def setup(self) -> None:
