@@ -216,7 +216,10 @@ class Bridge:
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         closed, self._epoch = self._epoch, 0
         CONNECTED.set(0)
-        log.warning("MQTT disconnected (%s); unacknowledged messages will be redelivered", reason)
+        if reason.is_failure:
+            log.warning("MQTT connection lost (%s); unacknowledged messages will be redelivered", reason)
+        else:  # the bridge's own disconnect: on stop, or to start over after a Kafka failure
+            log.info("MQTT disconnected")
         if self._loop is not None and closed:
             self._loop.call_soon_threadsafe(self._abandon, closed)
 

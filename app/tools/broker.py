@@ -92,6 +92,9 @@ def start_listening(
 MOSQUITTO_CONFIG = """\
 listener {port} 127.0.0.1
 allow_anonymous true
+# Started as root, Mosquitto switches to the user "mosquitto", which cannot write its
+# persistence file into our directory: it then keeps no session across a restart.
+user {user}
 persistence true
 persistence_location {workdir}/
 autosave_interval 1
@@ -103,6 +106,13 @@ log_dest stdout
 log_type error
 log_type warning
 """
+
+
+def mosquitto_config(port: int, workdir: Path) -> str:
+    """A Mosquitto on 127.0.0.1:``port`` keeping its sessions in ``workdir``, as this user."""
+    import getpass
+
+    return MOSQUITTO_CONFIG.format(port=port, workdir=workdir, user=getpass.getuser())
 
 
 def mosquitto_binary() -> str | None:
@@ -122,7 +132,7 @@ class LocalMosquitto:
             raise BrokerUnavailable("no mosquitto binary (Debian/Ubuntu: apt-get install mosquitto)")
         self.binary, self.workdir, self.port = binary, workdir, free_port()
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "mosquitto.conf").write_text(MOSQUITTO_CONFIG.format(port=self.port, workdir=workdir))
+        (workdir / "mosquitto.conf").write_text(mosquitto_config(self.port, workdir))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from app.tools.broker import MOSQUITTO_CONFIG, free_port, mosquitto_binary, stop_process
+from app.tools.broker import free_port, mosquitto_binary, mosquitto_config, stop_process
 
 _STARTED: list[ManagedProcess] = []
 
@@ -282,7 +282,7 @@ class MosquittoServer(ManagedProcess):
             raise ServerUnavailable("Mosquitto: apt-get install -y mosquitto")
         self.binary = binary
         self.port = free_port()
-        (workdir / "mosquitto.conf").write_text(MOSQUITTO_CONFIG.format(port=self.port, workdir=workdir))
+        (workdir / "mosquitto.conf").write_text(mosquitto_config(self.port, workdir))
 
     @property
     def url(self) -> str:
