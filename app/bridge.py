@@ -43,11 +43,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, gen
 from app.kafka import kafka_client_options
 from app.settings import BridgeSettings, Settings
 from models.records import RejectReason
+from sinks.dead_letters import DETAIL_BYTES, HEADROOM_BYTES, TRUNCATED_BYTES  # the worker's DLQ limits
 
 log = logging.getLogger(__name__)
 
-TRUNCATED_BYTES = 64 * 1024  # kept of a payload too large for Kafka (the worker's DLQ does the same)
-HEADROOM_BYTES = 16 * 1024  # of a produce request, for key, headers and record overhead
 RECONNECT_DELAY_S = (1.0, 30.0)  # MQTT reconnect back-off, first and longest
 
 RECEIVED = Counter("millstream_bridge_received_total", "MQTT messages received")
@@ -309,7 +308,7 @@ class Bridge:
         log.warning("MQTT message on %r to the DLQ: %s: %s", topic[:200], reason.value, detail)
         headers = [
             ("millstream.reason", reason.value.encode()),
-            ("millstream.detail", detail.encode(errors="replace")[:1000]),
+            ("millstream.detail", detail.encode(errors="replace")[:DETAIL_BYTES]),
             ("millstream.source.mqtt_topic", topic.encode()[:1000]),
         ]
         if len(payload) > self.max_value_bytes:

@@ -115,26 +115,25 @@ def test_prometheus_rule_carries_the_alert_file() -> None:
     assert rule["spec"] == yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())
 
 
+def _base_with(tmp_path: Path, component: str) -> Path:
+    """A kustomization of the base plus one of deploy/components, as a user's overlay would be."""
+    directory = tmp_path / component
+    directory.mkdir()
+    (directory / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+             "resources": [os.path.relpath(DEPLOY / "base", directory)],
+             "components": [os.path.relpath(DEPLOY / "components" / component, directory)]}
+        )
+    )  # fmt: skip
+    return directory
+
+
 def _layouts(tmp_path: Path) -> dict[str, Path]:
-    hpa = tmp_path / "hpa"
-    hpa.mkdir()
-    (hpa / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-             "resources": [os.path.relpath(DEPLOY / "base", hpa)],
-             "components": [os.path.relpath(DEPLOY / "components" / "hpa", hpa)]}
-        )
-    )  # fmt: skip
-    bridge = tmp_path / "bridge"
-    bridge.mkdir()
-    (bridge / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-             "resources": [os.path.relpath(DEPLOY / "base", bridge)],
-             "components": [os.path.relpath(DEPLOY / "components" / "mqtt-bridge", bridge)]}
-        )
-    )  # fmt: skip
-    return {"base": DEPLOY / "base", "msk": DEPLOY / "overlays" / "msk", "base+hpa": hpa, "base+mqtt-bridge": bridge}
+    return {
+        "base": DEPLOY / "base", "msk": DEPLOY / "overlays" / "msk", "base+hpa": _base_with(tmp_path, "hpa"),
+        "base+mqtt-bridge": _base_with(tmp_path, "mqtt-bridge"),
+    }  # fmt: skip
 
 
 def test_rendered_manifests_validate_against_the_kubernetes_schemas(tmp_path: Path) -> None:
