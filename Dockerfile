@@ -11,7 +11,7 @@ COPY app ./app
 COPY agents ./agents
 COPY models ./models
 COPY sinks ./sinks
-RUN python -m venv /opt/millstream && /opt/millstream/bin/pip install .
+RUN python -m venv /opt/millstream && /opt/millstream/bin/pip install '.[msk]'
 
 FROM python:3.11-slim-bookworm
 ENV PATH=/opt/millstream/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \

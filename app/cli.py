@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from app.settings import SettingsError, load_settings, settings_doc, settings_markdown
+from app.settings import Settings, SettingsError, load_settings, settings_doc, settings_markdown
 
 DESCRIPTION = "millstream: factory telemetry from Kafka to ScyllaDB and ClickHouse, nothing lost or doubled."
 
@@ -205,11 +205,25 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     bench.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
 
 
+def _kafka_login_refused(settings: Settings) -> str | None:
+    """One line if Kafka refuses the configured TLS/SASL login (faust would retry it forever)."""
+    if settings.kafka.security_protocol == "PLAINTEXT":
+        return None
+    import asyncio
+
+    from app.kafka import check_login
+
+    return asyncio.run(check_login(settings.kafka))
+
+
 def _worker_command(faust_args: list[str]) -> int:
     try:
         settings = load_settings()
     except SettingsError as exc:
         return _fail(f"invalid setting {exc}")
+    refused = _kafka_login_refused(settings)
+    if refused:
+        return _fail(refused)
     from app.main import collect_garbage_less_often, create_app  # faust is slow to import; only the worker needs it
 
     app = create_app(settings)
@@ -229,6 +243,9 @@ def _bridge_command() -> int:
         settings = load_settings()
     except SettingsError as exc:
         return _fail(f"invalid setting {exc}")
+    refused = _kafka_login_refused(settings)
+    if refused:
+        return _fail(refused)
     from app.bridge import serve
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

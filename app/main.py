@@ -17,7 +17,7 @@ from agents.pipeline import Pipeline
 from agents.state import declare_tables
 from agents.windows import WindowPolicy
 from app import faust_patches, monitor, web
-from app.kafka import kafka_client_options, ssl_context
+from app.kafka import iam_token_provider, kafka_client_options, ssl_context
 from app.settings import KafkaSettings, Settings
 from models.decode import Decoder
 from sinks.base import RetryPolicy
@@ -33,7 +33,11 @@ def broker_credentials(kafka: KafkaSettings) -> Any:
     context = ssl_context(kafka)
     if kafka.security_protocol == "SSL":
         return faust.SSLCredentials(context)
+    if kafka.sasl_mechanism == "AWS_MSK_IAM":
+        # the consumer, the producers and the admin client all log in with the one token provider
+        return faust.OAuthCredentials(oauth_cb=iam_token_provider(kafka), ssl_context=context)
     assert kafka.sasl_password is not None  # enforced by KafkaSettings
+    # faust has no SCRAM class: SASLCredentials carries any username/password mechanism
     return faust.SASLCredentials(
         username=kafka.sasl_username,
         password=kafka.sasl_password.get_secret_value(),

@@ -73,11 +73,23 @@ class KafkaSettings(_Group):
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (MSK: SASL_SSL)."
     )
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
-        "SCRAM-SHA-512", description="SASL mechanism when security_protocol is SASL_*."
-    )
-    sasl_username: str | None = Field(None, description="SASL user name.")
-    sasl_password: SecretStr | None = Field(None, description="SASL password (secret).")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "AWS_MSK_IAM"] = Field(
+        "SCRAM-SHA-512",
+        description="SASL mechanism when security_protocol is SASL_*: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (MSK port "
+        "9096) or AWS_MSK_IAM (MSK port 9098: IAM credentials from the standard AWS chain, sent as OAUTHBEARER "
+        "tokens; needs the msk extra).",
+    )  # fmt: skip
+    sasl_username: str | None = Field(None, description="SASL user name (PLAIN and SCRAM).")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (PLAIN and SCRAM; secret).")
+    aws_region: str | None = Field(
+        None, pattern=r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$",
+        description="AWS region of the MSK cluster (e.g. eu-west-1); required with AWS_MSK_IAM.",
+    )  # fmt: skip
+    allow_secrets_without_tls: bool = Field(
+        False,
+        description="Allow SASL_PLAINTEXT with PLAIN or AWS_MSK_IAM, which send a password or a bearer token "
+        "unencrypted; refused unless this is true (SCRAM sends neither).",
+    )  # fmt: skip
     ssl_cafile: Path | None = Field(None, description="CA bundle for TLS; system CAs when unset.")
     ssl_certfile: Path | None = Field(None, description="Client certificate for mutual TLS.")
     ssl_keyfile: Path | None = Field(None, description="Client key for mutual TLS.")
@@ -123,10 +135,27 @@ class KafkaSettings(_Group):
                 f"{ENV_PREFIX}KAFKA__SESSION_TIMEOUT_S ({self.session_timeout_s:g}) must be <= "
                 f"{ENV_PREFIX}KAFKA__REQUEST_TIMEOUT_S ({self.request_timeout_s:g})"
             )
-        if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
+        if not self.security_protocol.startswith("SASL"):
+            return self
+        if self.sasl_mechanism == "AWS_MSK_IAM":
+            if not self.aws_region:
+                raise ValueError(
+                    f"{ENV_PREFIX}KAFKA__AWS_REGION is required with {ENV_PREFIX}KAFKA__SASL_MECHANISM=AWS_MSK_IAM"
+                )
+        elif not (self.sasl_username and self.sasl_password):
             raise ValueError(
                 f"{ENV_PREFIX}KAFKA__SASL_USERNAME and {ENV_PREFIX}KAFKA__SASL_PASSWORD are required "
                 f"with {ENV_PREFIX}KAFKA__SECURITY_PROTOCOL={self.security_protocol}"
+            )
+        if (
+            self.security_protocol == "SASL_PLAINTEXT"
+            and self.sasl_mechanism in ("PLAIN", "AWS_MSK_IAM")
+            and not self.allow_secrets_without_tls
+        ):
+            raise ValueError(
+                f"{ENV_PREFIX}KAFKA__SECURITY_PROTOCOL=SASL_PLAINTEXT would send the {self.sasl_mechanism} "
+                f"{'password' if self.sasl_mechanism == 'PLAIN' else 'token'} unencrypted: use SASL_SSL, or set "
+                f"{ENV_PREFIX}KAFKA__ALLOW_SECRETS_WITHOUT_TLS=true"
             )
         return self
 

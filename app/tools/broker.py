@@ -36,7 +36,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def broker_command(binary: str, port: int) -> list[str]:
+def broker_command(binary: str, port: int, advertised_port: int | None = None) -> list[str]:
+    """tansu on ``port``; clients are told to connect to ``advertised_port`` (a proxy in front) if given."""
     url = f"tcp://127.0.0.1:{port}"
     return [
         binary,
@@ -44,7 +45,7 @@ def broker_command(binary: str, port: int) -> list[str]:
         "--listener-url",
         url,
         "--advertised-listener-url",
-        url,
+        f"tcp://127.0.0.1:{advertised_port or port}",
         "--storage-engine",
         "memory://tansu/",
     ]

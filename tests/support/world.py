@@ -24,6 +24,9 @@ from tests.support.helpers import ROOT
 from tests.support.servers import ClickHouseServer, TansuBroker, free_port
 
 PARTITIONS = 4
+# The tests' own Kafka clients name themselves, so that the MSK IAM stand-in (tests/support/msk.py)
+# can let them in without a login while every client of a worker must log in.
+HARNESS_CLIENT_ID = "millstream-tests"
 
 
 @dataclass
@@ -177,7 +180,7 @@ class WorkerProcess(WorkerChild):
 
 
 async def create_topic(bootstrap: str, topic: str, partitions: int = PARTITIONS) -> None:
-    await create_topics([topic], partitions=partitions, bootstrap_servers=bootstrap)
+    await create_topics([topic], partitions=partitions, bootstrap_servers=bootstrap, client_id=HARNESS_CLIENT_ID)
 
 
 async def produce(
@@ -185,7 +188,13 @@ async def produce(
 ) -> int:
     """Send messages keyed by device; at ``rate`` messages/s if given. Returns how many."""
     # max_request_size: the simulator's messages at and over the size limits (8 MiB is tansu's own ceiling too).
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all", max_request_size=8 * 1024 * 1024)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id=HARNESS_CLIENT_ID,
+        linger_ms=5,
+        acks="all",
+        max_request_size=8 * 1024 * 1024,
+    )
     await producer.start()
     try:
         return await send_paced(producer, topic, list(messages), rate=rate)
@@ -194,7 +203,9 @@ async def produce(
 
 
 async def committed_total(bootstrap: str, group: str, topic: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, client_id=HARNESS_CLIENT_ID, group_id=group, enable_auto_commit=False
+    )
     await consumer.start()
     try:
         offsets = [await consumer.committed(TopicPartition(topic, p)) for p in range(PARTITIONS)]
@@ -206,7 +217,7 @@ async def committed_total(bootstrap: str, group: str, topic: str) -> int:
 async def read_topic(bootstrap: str, topic: str, expected: int, wait_s: float = 30) -> list[Any]:
     """Everything on a topic (the DLQ, say): wait for ``expected`` records, then make sure no more come."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None,
+        topic, bootstrap_servers=bootstrap, client_id=HARNESS_CLIENT_ID, auto_offset_reset="earliest", group_id=None,
         max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=16 * 1024 * 1024,
     )  # fmt: skip
     await consumer.start()
