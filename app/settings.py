@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FilePath,
     PositiveInt,
     SecretStr,
     ValidationError,
@@ -169,6 +170,14 @@ class ClickHouseSettings(_Group):
         "or chdb:///path for the embedded engine.",
     )
     password: SecretStr = Field(SecretStr(""), description="ClickHouse password (secret).")
+    tls_cafile: FilePath | None = Field(
+        None, description="CA bundle that signed the server's certificate, for clickhouses://; system CAs when unset."
+    )
+    tls_verify: bool = Field(
+        True,
+        description="For clickhouses://, check the server's certificate and that it names the URL's host; false "
+        "encrypts without knowing who answers (a test server with a self-signed certificate only).",
+    )  # fmt: skip
     table: str = Field("telemetry_raw", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Raw rows table.")
     batch_rows: int = Field(100_000, ge=1, le=10_000_000, description="Rows per insert at most.")
     flush_interval_s: float = Field(1.0, gt=0, le=600, description="Flush at least this often.")
@@ -195,6 +204,15 @@ class ClickHouseSettings(_Group):
         elif not parts.path:
             raise ValueError("needs a directory: chdb:///var/lib/millstream/chdb")
         return value
+
+    @model_validator(mode="after")
+    def _tls_needs_clickhouses(self) -> ClickHouseSettings:
+        if self.tls_cafile is not None and urlsplit(self.url).scheme != "clickhouses":
+            raise ValueError(
+                f"{ENV_PREFIX}CLICKHOUSE__TLS_CAFILE is set but {ENV_PREFIX}CLICKHOUSE__URL is not clickhouses:// "
+                "(the secure native port, 9440)"
+            )
+        return self
 
     @property
     def database(self) -> str:
@@ -240,8 +258,21 @@ class ScyllaSettings(_Group):
         "most upserts with many devices are requests of their own.",
     )  # fmt: skip
     request_timeout_s: float = Field(10.0, gt=0, le=600, description="Timeout of one request.")
-    username: str | None = Field(None, description="User name (PasswordAuthenticator).")
-    password: SecretStr | None = Field(None, description="Password (secret).")
+    username: str | None = Field(None, description="User name (PasswordAuthenticator); needs the password.")
+    password: SecretStr | None = Field(None, description="Password (secret); needs the user name.")
+    tls: bool = Field(
+        False, description="Connect with TLS (the nodes' client_encryption_options; their TLS port is often 9142)."
+    )
+    tls_cafile: FilePath | None = Field(
+        None, description="CA bundle that signed the nodes' certificates; system CAs when unset."
+    )
+    tls_verify_hostname: bool = Field(
+        True,
+        description="Check that a node's certificate names the address the driver reaches it at (the contact point "
+        "or the address in system.peers); false checks the CA only, for certificates without those names.",
+    )  # fmt: skip
+    tls_certfile: FilePath | None = Field(None, description="Client certificate, if the nodes require_client_auth.")
+    tls_keyfile: FilePath | None = Field(None, description="Key of the client certificate.")
     write_generation: int = Field(
         0, ge=0, le=MAX_WRITE_GENERATION,
         description="Generation of every write version (generation times 2^40 plus the source offset): raise it "
@@ -261,6 +292,18 @@ class ScyllaSettings(_Group):
         if not value:
             raise ValueError("needs at least one host")
         return value
+
+    @model_validator(mode="after")
+    def _login_and_tls(self) -> ScyllaSettings:
+        # A user name alone would silently connect without authentication.
+        if bool(self.username) != bool(self.password and self.password.get_secret_value()):
+            given, missing = ("USERNAME", "PASSWORD") if self.username else ("PASSWORD", "USERNAME")
+            raise ValueError(f"{ENV_PREFIX}SCYLLA__{missing} is required with {ENV_PREFIX}SCYLLA__{given}")
+        if not self.tls:
+            for name in ("tls_cafile", "tls_certfile", "tls_keyfile"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{ENV_PREFIX}SCYLLA__{name.upper()} is set but {ENV_PREFIX}SCYLLA__TLS is false")
+        return self
 
 
 class WindowSettings(_Group):

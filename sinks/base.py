@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
@@ -40,6 +41,25 @@ class RetriableSinkError(SinkError):
 
 class FatalSinkError(SinkError):
     """Retrying cannot help; crash the worker."""
+
+
+def certificate_refused(exc: BaseException | None) -> str | None:
+    """Why a server's certificate did not verify, if that is somewhere in ``exc`` or its causes.
+
+    A certificate that does not verify is a setting to fix, not an outage to wait out: the sinks
+    make it fatal, with the reason, instead of retrying for the whole budget. Drivers wrap the
+    ``ssl`` error (asynch as a cause; cassandra-driver only as text in an OSError).
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {exc.verify_message}"
+        text = str(exc)
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            return "certificate verify failed: " + text.partition("certificate verify failed: ")[2].split(" (_ssl")[0]
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class Sink(Protocol, Generic[B]):

@@ -31,7 +31,7 @@ import orjson
 from app import metrics
 from app.settings import ClickHouseSettings
 from models.rows import RawBatch, RawRow
-from sinks.base import FatalSinkError, RetriableSinkError
+from sinks.base import FatalSinkError, RetriableSinkError, certificate_refused
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,9 @@ FATAL_CODES = {
 
 def classify(exc: BaseException) -> RetriableSinkError | FatalSinkError:
     """Map a driver or server error to retry-or-crash. Unknown server codes retry (bounded)."""
+    refused = certificate_refused(exc)
+    if refused is not None:
+        return FatalSinkError(f"ClickHouse TLS: {refused} (MILLSTREAM_CLICKHOUSE__TLS_CAFILE, __TLS_VERIFY)")
     code = getattr(exc, "code", None)
     if isinstance(code, int) and code in FATAL_CODES:
         return FatalSinkError(f"ClickHouse {FATAL_CODES[code]} ({code}): {_first_line(exc)}")
@@ -146,6 +149,8 @@ class ClickHouseRawWriter:
             conn = Connection(
                 host=self.host, port=self.port, user=self.user, database="default",
                 password=self.settings.password.get_secret_value(), secure=self.secure,
+                verify=self.settings.tls_verify,
+                ca_certs=str(self.settings.tls_cafile) if self.settings.tls_cafile else None,
                 connect_timeout=self.settings.connect_timeout_s,
                 send_receive_timeout=self.settings.query_timeout_s,
             )  # fmt: skip

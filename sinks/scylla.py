@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from typing import Any
 from app import metrics
 from app.settings import MAX_WRITE_GENERATION, ScyllaSettings
 from models.rows import AggregateBatch
-from sinks.base import FatalSinkError, RetriableSinkError
+from sinks.base import FatalSinkError, RetriableSinkError, certificate_refused
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +150,28 @@ FATAL_ERRORS = frozenset(
 )  # fmt: skip
 
 
+def tls_context(settings: ScyllaSettings) -> ssl.SSLContext | None:
+    """The driver's TLS context: the configured CA (else the system's), the node's name checked
+    unless turned off, a client certificate if given. None without TLS."""
+    if not settings.tls:
+        return None
+    context = ssl.create_default_context(cafile=str(settings.tls_cafile) if settings.tls_cafile else None)
+    # With check_hostname the driver names each node by the address it connects to.
+    context.check_hostname = settings.tls_verify_hostname
+    if settings.tls_certfile is not None:
+        keyfile = str(settings.tls_keyfile) if settings.tls_keyfile else None
+        context.load_cert_chain(str(settings.tls_certfile), keyfile)
+    return context
+
+
 def classify(exc: BaseException) -> RetriableSinkError | FatalSinkError:
     """Map a driver error to retry-or-crash. NoHostAvailable is judged by what it wraps."""
     name = type(exc).__name__
+    causes = list(getattr(exc, "errors", {}).values()) if name == "NoHostAvailable" else [exc]
+    refused = next((r for r in map(certificate_refused, causes) if r is not None), None)
+    if refused is not None:
+        return FatalSinkError(f"ScyllaDB TLS: {refused} (MILLSTREAM_SCYLLA__TLS_*)")
     if name == "NoHostAvailable":
-        causes = list(getattr(exc, "errors", {}).values())
         if any(type(c).__name__ in FATAL_ERRORS for c in causes):
             fatal = next(c for c in causes if type(c).__name__ in FATAL_ERRORS)
             return FatalSinkError(f"ScyllaDB {type(fatal).__name__}: {str(fatal)[:300]}")
@@ -242,10 +260,10 @@ class ScyllaAggregateWriter:
             request_timeout=s.request_timeout_s,
         )
         auth = None
-        if s.username and s.password:
+        if s.username and s.password:  # both or neither: ScyllaSettings
             auth = PlainTextAuthProvider(s.username, s.password.get_secret_value())
         return Cluster(
-            s.contact_points, port=s.port, protocol_version=4, auth_provider=auth,
+            s.contact_points, port=s.port, protocol_version=4, auth_provider=auth, ssl_context=tls_context(s),
             execution_profiles={EXEC_PROFILE_DEFAULT: profile}, connect_timeout=s.request_timeout_s,
             schema_metadata_enabled=False,  # millstream never reads schema metadata
         )  # fmt: skip

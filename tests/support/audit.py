@@ -137,7 +137,11 @@ def audit(world: World, log: SimulationLog, sent: int, *, scenario: str, recover
     examples: list[str] = []
     profile = ExecutionProfile(load_balancing_policy=RoundRobinPolicy())
     cluster = Cluster(
-        ["127.0.0.1"], port=world.cql.port, protocol_version=4, execution_profiles={EXEC_PROFILE_DEFAULT: profile}
+        ["127.0.0.1"],
+        port=world.cql.port,
+        protocol_version=4,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        **world.cql_options,
     )
     session = cluster.connect()
     try:

@@ -176,6 +176,13 @@ CLICKHOUSE_CONFIG = """<?xml version="1.0"?>
   <max_concurrent_queries>100</max_concurrent_queries>
 </yandex>
 """
+# The secure native port; the server asks no client certificate (verificationMode none).
+CLICKHOUSE_TLS = """  <tcp_port_secure>{port}</tcp_port_secure>
+  <openSSL><server><certificateFile>{cert}</certificateFile><privateKeyFile>{key}</privateKeyFile>
+    <verificationMode>none</verificationMode><cacheSessions>true</cacheSessions>
+    <disableProtocols>sslv2,sslv3,tlsv1,tlsv1_1</disableProtocols><preferServerCiphers>true</preferServerCiphers>
+  </server></openSSL>
+"""
 CLICKHOUSE_USERS = """<?xml version="1.0"?>
 <yandex>
   <profiles><default><max_memory_usage>4000000000</max_memory_usage></default></profiles>
@@ -193,14 +200,19 @@ class ClickHouseServer(ManagedProcess):
 
     name = "clickhouse"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: (certificate, key) to serve the secure native port too, at ``secure_port``."""
         super().__init__(workdir)
         binary = shutil.which("clickhouse-server") or shutil.which("clickhouse")
         if binary is None:
             raise ServerUnavailable("ClickHouse: apt-get install -y clickhouse-server clickhouse-client")
         self.binary = binary
         self.tcp_port, self.http_port = free_port(), free_port()
+        self.secure_port = free_port() if tls else None
         config = CLICKHOUSE_CONFIG.format(dir=workdir, tcp_port=self.tcp_port, http_port=self.http_port)
+        if tls:
+            secure = CLICKHOUSE_TLS.format(port=self.secure_port, cert=tls[0], key=tls[1])
+            config = config.replace("</yandex>", secure + "</yandex>")
         (workdir / "config.xml").write_text(config)
         (workdir / "users.xml").write_text(CLICKHOUSE_USERS)
 

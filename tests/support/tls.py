@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
-class TestCertificates:
+class Certificates:
     ca_file: Path
     server_cert: Path
     server_key: Path
@@ -27,7 +27,7 @@ def _ca(directory: Path, name: str) -> tuple[Path, Path]:
     return key, cert
 
 
-def make_ca(directory: Path) -> TestCertificates:
+def make_ca(directory: Path) -> Certificates:
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = _ca(directory, "millstream test CA")
     _other_key, other_cert = _ca(directory, "some other CA")
@@ -37,4 +37,4 @@ def make_ca(directory: Path) -> TestCertificates:
     extensions.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key), "-CAcreateserial",
              "-days", "2", "-extfile", str(extensions), "-out", str(cert))  # fmt: skip
-    return TestCertificates(ca_cert, cert, key, other_cert)
+    return Certificates(ca_cert, cert, key, other_cert)

@@ -40,6 +40,7 @@ class World:
     name: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:8]}")
     workers: list[WorkerProcess] = field(default_factory=list)
     store: str = "rocksdb"  # what production runs (deploy/base/configmap.yaml); a test may say otherwise
+    cql_options: dict[str, Any] = field(default_factory=dict)  # the audit's driver: TLS, login, if the server wants
     # Restarts the supervisor made because a worker exited on its own (a crash, a crash loop),
     # as Kubernetes would restart a pod: (worker, exit code, last log lines).
     restarts: list[tuple[int, int | None, str]] = field(default_factory=list)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import ssl
 import struct
 import threading
 import time
@@ -16,6 +17,7 @@ from tests.support.cql.faults import Faults
 from tests.support.cql.parser import Tokens
 from tests.support.cql.protocol import (
     ERR_ALREADY_EXISTS,
+    ERR_BAD_CREDENTIALS,
     ERR_OVERLOADED,
     ERR_PROTOCOL,
     ERR_READ_TIMEOUT,
@@ -23,6 +25,9 @@ from tests.support.cql.protocol import (
     ERR_UNAVAILABLE,
     ERR_UNPREPARED,
     ERR_WRITE_TIMEOUT,
+    OP_AUTH_RESPONSE,
+    OP_AUTH_SUCCESS,
+    OP_AUTHENTICATE,
     OP_BATCH,
     OP_ERROR,
     OP_EXECUTE,
@@ -76,8 +81,19 @@ class _WriteShape:
 class CqlServer:
     """Run with ``start()`` (own thread and event loop) and ``stop()``; ``port`` after start."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        credentials: tuple[str, str] | None = None,
+    ) -> None:
+        """``ssl_context``: serve TLS only (client_encryption_options); ``credentials``: require this
+        user and password, as PasswordAuthenticator does (SASL PLAIN after STARTUP)."""
         self.host, self.port = host, port
+        self.ssl_context, self.credentials = ssl_context, credentials
+        self.logins = {"accepted": 0, "refused": 0}
         self.keyspaces: dict[str, dict[str, Table]] = {}
         self.prepared: dict[bytes, Prepared] = {}
         self.faults = Faults()
@@ -97,7 +113,9 @@ class CqlServer:
 
         def run() -> None:
             self._loop = asyncio.new_event_loop()
-            self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, self.host, self.port))
+            self._server = self._loop.run_until_complete(
+                asyncio.start_server(self._serve, self.host, self.port, ssl=self.ssl_context)
+            )
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             self._loop.run_forever()
@@ -168,6 +186,16 @@ class CqlServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    def _authenticate(self, body: Reader, state: dict[str, str | None]) -> tuple[int, bytes]:
+        token = body.take(body.int())
+        _authzid, user, password = token.split(b"\x00", 2) if token.count(b"\x00") == 2 else (b"", b"", b"")
+        if self.credentials is None or (user.decode(), password.decode()) != self.credentials:
+            self.logins["refused"] += 1
+            raise CqlError(ERR_BAD_CREDENTIALS, "Username and/or password are incorrect")
+        self.logins["accepted"] += 1
+        state["login"] = "done"
+        return OP_AUTH_SUCCESS, _int(-1)
+
     @staticmethod
     def _frame(stream: int, opcode: int, body: bytes) -> bytes:
         return struct.pack(">BBhBi", 0x84, 0, stream, opcode, len(body)) + body
@@ -182,7 +210,14 @@ class CqlServer:
             return OP_SUPPORTED, payload
         if opcode == OP_STARTUP:
             body.string_map()
+            if self.credentials is not None:
+                state["login"] = "pending"
+                return OP_AUTHENTICATE, _string("org.apache.cassandra.auth.PasswordAuthenticator")
             return OP_READY, b""
+        if opcode == OP_AUTH_RESPONSE:
+            return self._authenticate(body, state)
+        if state.get("login") == "pending":
+            raise CqlError(ERR_PROTOCOL, f"Unexpected message {opcode:#x}, expecting AUTH_RESPONSE")
         if opcode == OP_REGISTER:
             return OP_READY, b""
         if opcode == OP_QUERY:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from app.settings import SettingsError, load_settings, settings_doc
@@ -108,3 +110,24 @@ def test_every_setting_is_documented() -> None:
     rows = settings_doc()
     assert len(rows) == len({env for env, _, _ in rows})
     assert all(text for _, _, text in rows), [env for env, _, text in rows if not text]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SCYLLA__USERNAME": "millstream"}, "^MILLSTREAM_SCYLLA__PASSWORD is required with MILLSTREAM_SCYLLA__USERN"),
+        ({"SCYLLA__PASSWORD": "pw"}, "^MILLSTREAM_SCYLLA__USERNAME is required with MILLSTREAM_SCYLLA__PASSWORD$"),
+        ({"SCYLLA__TLS_CAFILE": "{file}"}, "^MILLSTREAM_SCYLLA__TLS_CAFILE is set but MILLSTREAM_SCYLLA__TLS is false"),
+        ({"SCYLLA__TLS": "true", "SCYLLA__TLS_CAFILE": "/nonexistent/ca.pem"}, "^MILLSTREAM_SCYLLA__TLS_CAFILE: Path"),
+        ({"CLICKHOUSE__TLS_CAFILE": "{file}"}, "^MILLSTREAM_CLICKHOUSE__TLS_CAFILE is set but MILLSTREAM_CLICKHOUSE__"),
+    ],
+)  # fmt: skip
+def test_store_login_and_tls_mistakes_stop_the_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    existing = tmp_path / "ca.pem"
+    existing.write_text("not checked here")
+    for name, value in env.items():
+        monkeypatch.setenv(f"MILLSTREAM_{name}", value.format(file=existing))
+    with pytest.raises(SettingsError, match=message):
+        load_settings()
