@@ -131,7 +131,8 @@ def _base_with(tmp_path: Path, component: str) -> Path:
 
 def _layouts(tmp_path: Path) -> dict[str, Path]:
     return {
-        "base": DEPLOY / "base", "msk": DEPLOY / "overlays" / "msk", "base+hpa": _base_with(tmp_path, "hpa"),
+        "base": DEPLOY / "base", "msk": DEPLOY / "overlays" / "msk", "msk-iam": DEPLOY / "overlays" / "msk-iam",
+        "base+hpa": _base_with(tmp_path, "hpa"),
         "base+mqtt-bridge": _base_with(tmp_path, "mqtt-bridge"),
     }  # fmt: skip
 
@@ -213,6 +214,18 @@ def test_every_setting_the_manifests_pass_is_valid(tmp_path: Path) -> None:
     msk = _by_kind(render(DEPLOY / "overlays" / "msk"))["ConfigMap"]["data"]
     assert msk["MILLSTREAM_KAFKA__SECURITY_PROTOCOL"] == "SASL_SSL"
     assert all(server.endswith(":9096") for server in msk["MILLSTREAM_KAFKA__BOOTSTRAP_SERVERS"].split(","))
+    iam = _by_kind(render(DEPLOY / "overlays" / "msk-iam"))
+    config = iam["ConfigMap"]["data"]
+    assert (config["MILLSTREAM_KAFKA__SECURITY_PROTOCOL"], config["MILLSTREAM_KAFKA__SASL_MECHANISM"]) == (
+        "SASL_SSL", "AWS_MSK_IAM",
+    )  # fmt: skip
+    assert all(server.endswith(":9098") for server in config["MILLSTREAM_KAFKA__BOOTSTRAP_SERVERS"].split(","))
+    pod = iam["StatefulSet"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == iam["ServiceAccount"]["metadata"]["name"]
+    assert "eks.amazonaws.com/role-arn" in iam["ServiceAccount"]["metadata"]["annotations"]
+    for layout in (msk, config):  # the stores over TLS where production runs
+        assert layout["MILLSTREAM_CLICKHOUSE__URL"].startswith("clickhouses://")
+        assert layout["MILLSTREAM_SCYLLA__TLS"] == "true"
 
 
 def test_the_bridge_component_hangs_together(tmp_path: Path) -> None:
