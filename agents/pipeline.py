@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -46,6 +46,12 @@ class StateStore(Protocol):
     def get(self, device_key: bytes, source: SourceMessage) -> bytes | None: ...
 
     def put(self, device_key: bytes, value: bytes, source: SourceMessage) -> None: ...
+
+
+class Schemas(Protocol):
+    """Where framed payloads' schemas come from (app/registry.py)."""
+
+    async def ensure(self, values: Iterable[bytes]) -> None: ...
 
 
 def _progress_key(message: SourceMessage) -> bytes:
@@ -129,8 +135,10 @@ class Pipeline:
         changelog: Acknowledgements | None = None,
         max_state_bytes: int = 512 * 1024,
         clock: Callable[[], float] = time.time,
+        schemas: Schemas | None = None,
     ) -> None:
         self.decoder = decoder
+        self.schemas = schemas  # fetches the schemas of framed payloads before they are decoded
         self.windows = windows
         self.state = state
         self.raw_sink = raw_sink
@@ -204,6 +212,8 @@ class Pipeline:
         """Steps 1-4: decode, apply, dead-letter, store the state; the rows to write. Called
         through :meth:`submit`."""
         outcome = BatchOutcome(messages=len(batch))
+        if self.schemas is not None:
+            await self.schemas.ensure(m.value for m in batch)  # waits while the registry is down
         now = self.clock()
         self._decode(batch, now)
         devices = self._apply([m for m in batch if m.rejection is None], int(now))

@@ -18,6 +18,7 @@ from agents.state import declare_tables
 from agents.windows import WindowPolicy
 from app import faust_patches, monitor, web
 from app.kafka import iam_token_provider, kafka_client_options, ssl_context
+from app.registry import SchemaRegistry
 from app.settings import KafkaSettings, Settings
 from models.decode import Decoder
 from sinks.base import RetryPolicy
@@ -140,12 +141,16 @@ def compose(app: faust.App, settings: Settings) -> Pipeline:
         partitions=kafka.partitions, replicas=kafka.replication_factor,
     )  # fmt: skip
     tables = declare_tables(app, settings)
+    # Schema-registry framed payloads: their schemas are fetched before a batch is decoded.
+    registry = SchemaRegistry(settings.registry) if settings.registry.url else None
     pipeline = Pipeline(
         decoder=Decoder(
             max_message_bytes=limits.max_message_bytes, max_readings_per_message=limits.max_readings_per_message,
             max_device_id_length=limits.max_device_id_length, max_future_skew_s=limits.max_future_skew_s,
             max_metrics_per_reading=limits.max_metrics_per_reading,
+            schemas=registry.book if registry is not None else None,
         ),
+        schemas=registry,
         windows=WindowPolicy(windows.sizes_s, windows.grace_s, windows.retention_windows, windows.dedup_s),
         state=tables.windows,
         raw_sink=raw_writer(settings.clickhouse),

@@ -81,3 +81,10 @@ SCYLLA_WRITE_REQUESTS = Counter(
     "millstream_scylla_write_requests_total",
     "Upsert requests sent to ScyllaDB (an UNLOGGED BATCH of many rows counts once; retries count again)",
 )
+
+# Schema-registry lookups (one per schema id, cached), by result: found, unknown, error (retried).
+REGISTRY_REQUESTS = Counter(
+    "millstream_schema_registry_requests_total", "Schema-registry lookups by result", ["result"]
+)
+# Schemas held in the worker's cache.
+REGISTRY_SCHEMAS = Gauge("millstream_schema_registry_schemas", "Schemas cached from the registry")

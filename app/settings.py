@@ -376,6 +376,34 @@ class PipelineSettings(_Group):
     )
 
 
+class RegistrySettings(_Group):
+    """A Confluent-compatible schema registry, for schema-registry framed payloads (docs/msk.md)."""
+
+    url: str | None = Field(
+        None, pattern=r"^https?://[^/\s]+(/[^\s]*)?$",
+        description="Registry base URL (https://registry:8081). Unset: framed payloads go to the DLQ as "
+        "unknown_schema; plain JSON is read either way.",
+    )  # fmt: skip
+    username: str | None = Field(
+        None, description="Basic-auth user (Confluent Cloud: the API key); needs the password."
+    )
+    password: SecretStr | None = Field(None, description="Basic-auth password (secret); needs the user.")
+    tls_cafile: FilePath | None = Field(None, description="CA bundle for an https registry; system CAs when unset.")
+    timeout_s: float = Field(10.0, gt=0, le=600, description="Timeout of one registry request.")
+    retry_max_s: float = Field(
+        30.0, gt=0, le=3600,
+        description="Longest wait between attempts while the registry is unreachable; consumption waits meanwhile "
+        "(a message is never rejected because the registry is down).",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _login(self) -> RegistrySettings:
+        if bool(self.username) != bool(self.password and self.password.get_secret_value()):
+            given, missing = ("USERNAME", "PASSWORD") if self.username else ("PASSWORD", "USERNAME")
+            raise ValueError(f"{ENV_PREFIX}REGISTRY__{missing} is required with {ENV_PREFIX}REGISTRY__{given}")
+        return self
+
+
 _MQTT_URL = r"^mqtts?://[^/:@\s]+(:\d{1,5})?/?$"
 
 
@@ -471,6 +499,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     bridge: BridgeSettings = Field(default_factory=BridgeSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
     store: Literal["rocksdb", "memory"] = Field(
         "rocksdb", description="Table store: rocksdb (production) or memory (tests)."
     )

@@ -8,6 +8,9 @@ Accepted shapes (all JSON objects):
 - nested: ``{"device_id": ..., "ts": ..., "metrics": {name: value}, "factory": ..., "line": ...}``;
 - batched: ``{"device_id": ..., "readings": [{"ts": ..., "metrics": {...}}, ...]}``.
 
+Each shape may also come schema-registry framed (Confluent's wire format: Avro or JSON after a
+5-byte header), beside plain JSON in the same topic (models/framing.py).
+
 Timestamps are ISO-8601 strings or epoch seconds / milliseconds (numbers above 10^11 are
 milliseconds), from 2000-01-01 to ``max_future_skew_s`` ahead of now. A message without a
 timestamp takes the Kafka record's timestamp, checked the same way; a reading of a batched
@@ -31,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from models.framing import FramingError, SchemaBook, unframe
 from models.records import Reading, Rejection, RejectReason
 
 METADATA_FIELDS = frozenset(
@@ -100,7 +104,9 @@ class Decoder:
         max_device_id_length: int = 128,
         max_future_skew_s: float = 300.0,
         max_metrics_per_reading: int = 500,
+        schemas: SchemaBook | None = None,
     ) -> None:
+        self.schemas = schemas  # schema-registry framed payloads (models/framing.py); None: rejected
         self.max_message_bytes = max_message_bytes
         self.max_metrics = max_metrics_per_reading
         self.ignored_fields = 0  # non-numeric fields beside the metrics of flat messages, ever
@@ -123,10 +129,16 @@ class Decoder:
     def _decode(self, value: bytes, timestamp_ms: int, now_ms: int) -> list[Reading]:
         if len(value) > self.max_message_bytes:
             raise _Reject(RejectReason.TOO_LARGE, f"{len(value)} bytes > {self.max_message_bytes}")
-        try:
-            doc = orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
-            raise _Reject(RejectReason.UNDECODABLE, str(exc)[:120]) from None
+        if value[:1] in (b"\x00", b"\x03"):  # no JSON text starts so: schema-registry framing
+            try:
+                doc = unframe(value, self.schemas)
+            except FramingError as exc:
+                raise _Reject(RejectReason(exc.reason), exc.detail) from None
+        else:
+            try:
+                doc = orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                raise _Reject(RejectReason.UNDECODABLE, str(exc)[:120]) from None
         if not isinstance(doc, dict):
             raise _Reject(RejectReason.NOT_OBJECT, f"top level is {type(doc).__name__}")
         device_id = self._device_id(doc)

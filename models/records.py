@@ -31,6 +31,9 @@ class RejectReason(enum.StrEnum):
     STATE_TOO_LARGE = "state_too_large"  # applying it would grow its device's state past limits.max_state_bytes
     INTERNAL_ERROR = "internal_error"  # millstream raised while handling it (a bug): isolated, kept for replay
     UNROUTED = "unrouted"  # (millstream bridge) an MQTT topic that no route of MILLSTREAM_BRIDGE__ROUTES names
+    UNKNOWN_SCHEMA = "unknown_schema"  # schema-registry framed, with an id the registry does not know (or none set)
+    SCHEMA_MISMATCH = "schema_mismatch"  # schema-registry framed, but the payload does not decode with its schema
+    GLUE_FRAMED = "glue_framed"  # AWS Glue Schema Registry framing, which millstream does not read
 
 
 @dataclass(slots=True)

@@ -156,9 +156,10 @@ def test_every_reject_reason(doc: object, reason: RejectReason) -> None:
 
 def test_every_reason_is_exercised() -> None:
     # Decided in the pipeline, not the decoder: tests/unit/test_pipeline.py; in the MQTT bridge:
-    # tests/unit/app/test_bridge.py.
+    # tests/unit/app/test_bridge.py; schema-registry framing: tests/unit/models/test_framing.py.
     elsewhere = {RejectReason.KEY_MISMATCH, RejectReason.STATE_TOO_LARGE, RejectReason.INTERNAL_ERROR,
-                 RejectReason.UNROUTED}  # fmt: skip
+                 RejectReason.UNROUTED, RejectReason.UNKNOWN_SCHEMA, RejectReason.SCHEMA_MISMATCH,
+                 RejectReason.GLUE_FRAMED}  # fmt: skip
     covered = {reason for _, reason in REJECTS} | elsewhere
     assert covered == set(RejectReason)
 
