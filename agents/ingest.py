@@ -84,6 +84,8 @@ class Ingest:
             await self.pipeline.cancel()  # before the sinks it writes to are closed
             for sink in self.sinks:
                 await sink.close()
+            if self.pipeline.schemas is not None:
+                await self.pipeline.schemas.close()
             await self.gate.probe.close()
 
     async def crash(self, exc: BaseException) -> None:

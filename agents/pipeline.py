@@ -53,6 +53,8 @@ class Schemas(Protocol):
 
     async def ensure(self, values: Iterable[bytes]) -> None: ...
 
+    async def close(self) -> None: ...
+
 
 def _progress_key(message: SourceMessage) -> bytes:
     return f"{message.topic}:{message.partition}".encode()
