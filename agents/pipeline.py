@@ -534,6 +534,13 @@ def _add_rows(rows: list[RawRow], message: SourceMessage, ingest: int) -> None:
             add((device, factory, line, location, metric, value, event_s, event_ms, ingest, partition, offset, index))
 
 
+def raw_rows_of(message: SourceMessage, ingest: int) -> list[RawRow]:
+    """The ClickHouse rows of one decoded message, as a batch would write them (``millstream replay``)."""
+    rows: list[RawRow] = []
+    _add_rows(rows, message, ingest)
+    return rows
+
+
 def _token(valid: list[SourceMessage]) -> str:
     """topic/partition:first-last offsets of the batch's stored messages (insert deduplication)."""
     spans: dict[tuple[str, int], list[int]] = {}

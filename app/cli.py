@@ -1,4 +1,5 @@
-"""The ``millstream`` command: ``worker``, ``bridge``, ``demo``, ``bench``, ``simulate`` and ``settings``."""
+"""The ``millstream`` command: ``worker``, ``bridge``, ``demo``, ``bench``, ``simulate``, ``replay``,
+``settings``."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _bench_parser(sub)
     _simulate_parser(sub)
+    _replay_parser(sub)
     settings = sub.add_parser("settings", help="validate and print the effective settings (secrets masked)")
     group = settings.add_mutually_exclusive_group()
     group.add_argument("--doc", action="store_true", help="list every variable with default and meaning")
@@ -174,6 +176,35 @@ def _publish(args: argparse.Namespace, settings: Any, simulator: Any, progress: 
     )  # fmt: skip
 
 
+def _replay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    replay = sub.add_parser(
+        "replay",
+        help="re-process a range of the telemetry topic into ClickHouse, or send dead letters back (--dlq)",
+        description="Without --dlq: the raw rows of every message in the range into ClickHouse again (idempotent; "
+        "aggregates stay with the workers' tables, docs/msk.md#replay). With --dlq: dead letters whose reason is "
+        "in --reason back to the telemetry topic, for the workers to process after a fix. Ranges are [from, to) "
+        "per partition; the default start is where this command's group got to (else the beginning), the "
+        "default end where the partitions ended when it started.",
+    )  # fmt: skip
+    start = replay.add_mutually_exclusive_group()
+    start.add_argument("--from-offset", type=int, default=None, help="first offset, in every chosen partition")
+    start.add_argument("--from-time", default=None, help="first record at or after this ISO-8601 time (with zone)")
+    end = replay.add_mutually_exclusive_group()
+    end.add_argument("--to-offset", type=int, default=None, help="stop before this offset")
+    end.add_argument("--to-time", default=None, help="stop before the first record at or after this ISO-8601 time")
+    replay.add_argument("--partitions", default=None, help="partitions, comma-separated (default: all)")
+    replay.add_argument("--dlq", action="store_true", help="send dead letters back to the telemetry topic")
+    replay.add_argument(
+        "--reason", default="internal_error", help="with --dlq: reject reasons to send back, comma-separated "
+        "(default internal_error)",
+    )  # fmt: skip
+    replay.add_argument(
+        "--group", default=None, help="this command's consumer group (default: the workers' group + -replay or "
+        "-dlq-replay); never the workers' own",
+    )  # fmt: skip
+    replay.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
+
+
 def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser(
         "bench",
@@ -203,6 +234,73 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="ScyllaDB hosts (host[:port],...) for the sweep; default: the CQL test server of a checkout",
     )  # fmt: skip
     bench.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
+
+
+def _replay_range(args: argparse.Namespace) -> Any:
+    """The range the arguments name; raises ValueError with a one-line message."""
+    from datetime import datetime
+
+    from app.replay import ReplayRange
+
+    def when(name: str, text: str | None) -> int | None:
+        if text is None:
+            return None
+        try:
+            stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"--{name} {text!r}: not an ISO-8601 time (2026-12-03T08:00:00Z)") from None
+        if stamp.tzinfo is None:
+            raise ValueError(f"--{name} {text!r}: needs a time zone (Z or +01:00)")
+        return int(stamp.timestamp() * 1000)
+
+    try:
+        partitions = tuple(int(p) for p in args.partitions.split(",")) if args.partitions else None
+    except ValueError:
+        raise ValueError(f"--partitions {args.partitions!r}: partition numbers separated by commas") from None
+    if any(n < 0 for n in (args.from_offset, args.to_offset, *(partitions or ())) if n is not None):
+        raise ValueError("--from-offset, --to-offset and --partitions must not be negative")
+    return ReplayRange(args.from_offset, when("from-time", args.from_time), args.to_offset,
+                       when("to-time", args.to_time), partitions)  # fmt: skip
+
+
+def _replay_command(args: argparse.Namespace) -> int:
+    import asyncio
+
+    try:
+        settings = load_settings()
+        span = _replay_range(args)
+    except (SettingsError, ValueError) as exc:
+        return _fail(f"invalid setting {exc}" if isinstance(exc, SettingsError) else str(exc))
+    kafka = settings.kafka
+    group = args.group or f"{kafka.consumer_group}-{'dlq-' if args.dlq else ''}replay"
+    if group == kafka.consumer_group:
+        return _fail(f"--group {group!r} is the workers' consumer group; a replay must not move its offsets")
+    refused = _kafka_login_refused(settings)
+    if refused:
+        return _fail(refused)
+    from app.replay import ReplayError, replay_dead_letters, replay_topic
+
+    def progress(line: str) -> None:
+        print(f"replay: {line}", file=sys.stderr, flush=True)
+
+    try:
+        if args.dlq:
+            reasons = frozenset(r.strip() for r in args.reason.split(",") if r.strip())
+            report = asyncio.run(replay_dead_letters(settings, span, group, reasons, progress))
+        else:
+            report = asyncio.run(replay_topic(settings, span, group, progress))
+    except ReplayError as exc:
+        return _fail(f"replay: {exc}")
+    if args.dlq:
+        print(f"sent back to {kafka.telemetry_topic}: {report.sent_back} of {report.messages} dead letters; "
+              f"skipped: {report.skipped or 'none'}")  # fmt: skip
+    else:
+        rejected = report.rejected or "none"
+        print(f"replayed {report.messages} messages of {report.topic}: {report.rows} ClickHouse rows written "
+              f"again; rejected: {rejected}; aggregates unchanged (the workers' tables hold them)")  # fmt: skip
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    return 0
 
 
 def _kafka_login_refused(settings: Settings) -> str | None:
@@ -276,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bridge_command()
     if args.command == "simulate":
         return _simulate_command(args)
+    if args.command == "replay":
+        return _replay_command(args)
     if args.command == "bench":
         if min(args.messages, args.batched_messages, args.batch_size, args.devices) < 1 or args.latency_seconds <= 0:
             return _fail("--messages, --batched-messages, --batch-size and --devices must be at least 1, "

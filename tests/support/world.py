@@ -185,16 +185,22 @@ async def create_topic(bootstrap: str, topic: str, partitions: int = PARTITIONS)
 
 
 async def produce(
-    bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes]], rate: float | None = None
+    bootstrap: str,
+    topic: str,
+    messages: Iterable[tuple[bytes | None, bytes]],
+    rate: float | None = None,
+    one_per_batch: bool = False,
 ) -> int:
-    """Send messages keyed by device; at ``rate`` messages/s if given. Returns how many."""
+    """Send messages keyed by device; at ``rate`` messages/s if given. Returns how many.
+    ``one_per_batch``: a record batch per message, for tests that need tansu's end offsets
+    right (it answers ListOffsets wrongly for batches of several records; DESIGN.md §5)."""
     # max_request_size: the simulator's messages at and over the size limits (8 MiB is tansu's own ceiling too).
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         client_id=HARNESS_CLIENT_ID,
         linger_ms=5,
         acks="all",
-        max_request_size=8 * 1024 * 1024,
+        max_request_size=8 * 1024 * 1024, **({"max_batch_size": 1} if one_per_batch else {}),
     )
     await producer.start()
     try:
