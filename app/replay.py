@@ -112,7 +112,8 @@ async def _read(
     open_tps = {tp for tp, (start, end) in bounds.items() if end > start}
     for tp in bounds:
         consumer.seek(tp, bounds[tp][0])
-    done, shown, idle_since = 0, time.monotonic(), time.monotonic()
+    began = time.monotonic()
+    done, shown, idle_since = 0, began, began
     while open_tps:
         fetched = await consumer.getmany(*open_tps, timeout_ms=1000, max_records=FETCH_MAX_RECORDS)
         batch: list[Any] = []
@@ -137,6 +138,7 @@ async def _read(
         for record in batch:
             last[TopicPartition(record.topic, record.partition)] = record.offset + 1
         await consumer.commit(last)
+        report.seconds = round(time.monotonic() - began, 3)
         if time.monotonic() - shown >= PROGRESS_EVERY_S or not open_tps:
             shown = time.monotonic()
             progress(f"{done}/{total} messages ({100 * done // max(total, 1)} %)")
