@@ -83,9 +83,8 @@ class KafkaSettings(_Group):
     sasl_username: str | None = Field(None, description="SASL user name (PLAIN and SCRAM).")
     sasl_password: SecretStr | None = Field(None, description="SASL password (PLAIN and SCRAM; secret).")
     aws_region: str | None = Field(
-        None, pattern=r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$",
-        description="AWS region of the MSK cluster (e.g. eu-west-1); required with AWS_MSK_IAM.",
-    )  # fmt: skip
+        None, description="AWS region of the MSK cluster (e.g. eu-west-1); required with AWS_MSK_IAM."
+    )
     allow_secrets_without_tls: bool = Field(
         False,
         description="Allow SASL_PLAINTEXT with PLAIN or AWS_MSK_IAM, which send a password or a bearer token "
@@ -116,6 +115,15 @@ class KafkaSettings(_Group):
     )
 
     _split = field_validator("bootstrap_servers", mode="before")(_split_csv)
+
+    @field_validator("aws_region")
+    @classmethod
+    def _region(cls, value: str | None) -> str | None:
+        if not value:
+            return None  # set but empty: as unset
+        if not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d{1,2}", value):
+            raise ValueError(f"{value[:40]!r} is not an AWS region name such as eu-west-1")
+        return value
 
     @field_validator("bootstrap_servers")
     @classmethod

@@ -83,7 +83,8 @@ def test_a_ca_bundle_setting_is_the_one_trusted(tmp_path: Any) -> None:
         ({"SASL_MECHANISM": "AWS_MSK_IAM", "AWS_REGION": "eu-west-1", "SECURITY_PROTOCOL": "SASL_PLAINTEXT"},
          "would send the AWS_MSK_IAM token unencrypted"),
         ({"SASL_MECHANISM": "SCRAM-SHA-512", "SASL_USERNAME": "u"}, "MILLSTREAM_KAFKA__SASL_PASSWORD are required"),
-        ({"SASL_MECHANISM": "AWS_MSK_IAM", "AWS_REGION": "Ireland"}, "MILLSTREAM_KAFKA__AWS_REGION: String should"),
+        ({"SASL_MECHANISM": "AWS_MSK_IAM", "AWS_REGION": "Ireland"}, "AWS_REGION: 'Ireland' is not an AWS region"),
+        ({"SASL_MECHANISM": "AWS_MSK_IAM", "AWS_REGION": ""}, "MILLSTREAM_KAFKA__AWS_REGION is required with"),
     ],
 )  # fmt: skip
 def test_bad_login_settings_stop_the_start_with_one_line(
