@@ -168,7 +168,7 @@ def compose(app: faust.App, settings: Settings) -> Pipeline:
     gate.attach(app)  # before faust's fetcher starts (see agents/offsets.py)
     ingest = register_ingest(app, settings, source, pipeline, gate)
     monitor.register(app, settings, gate)
-    web.register(app, ingest, tables.windows.table)
+    web.register(app, ingest, tables.windows.table, settings)
     return pipeline
 
 

@@ -1,4 +1,5 @@
-"""The worker's web pages: health for Kubernetes, metrics for Prometheus, aggregate counts.
+"""The worker's web pages: health for Kubernetes, metrics for Prometheus, aggregate counts, and
+the device lookup API (app/lookup.py).
 
 faust listens on ``MILLSTREAM_WEB_HOST:MILLSTREAM_WEB_PORT`` (its ``web_bind``); its own
 ``/router`` and ``/table`` pages are switched off in :mod:`app.main`.
@@ -16,6 +17,10 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from agents.ingest import Ingest
+from app import lookup
+from app.settings import Settings
+from sinks.base import SinkError
+from sinks.scylla import ScyllaAggregateWriter
 
 
 class StateCensus:
@@ -56,9 +61,10 @@ class StateCensus:
                 "counted_in_s": round(time.monotonic() - started, 3)}  # fmt: skip
 
 
-def register(app: faust.App, ingest: Ingest, windows_table: Any) -> None:
-    """/healthz, /readyz, /metrics and /aggregates on the worker's web port."""
+def register(app: faust.App, ingest: Ingest, windows_table: Any, settings: Settings) -> None:
+    """/healthz, /readyz, /metrics, /aggregates and the lookup API on the worker's web port."""
     census = StateCensus(windows_table)
+    _register_lookup(app, ingest, windows_table, settings)
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
@@ -89,3 +95,60 @@ def register(app: faust.App, ingest: Ingest, windows_table: Any) -> None:
     async def aggregates_page(web: Any, request: Any) -> Any:
         """Counts of the aggregates this worker holds (its partitions), for the demo and ops."""
         return web.json(await census.counts())
+
+
+def _register_lookup(app: faust.App, ingest: Ingest, windows_table: Any, settings: Settings) -> None:
+    """GET /devices/{id}/latest and /devices/{id}/windows (app/lookup.py, docs/api.md)."""
+    from agents.windows import DeviceState
+
+    sink = ingest.pipeline.aggregate_sink
+    scylla = sink if isinstance(sink, ScyllaAggregateWriter) else None
+    source = "scylla" if scylla is not None else "table"
+    sizes, max_length = settings.windows.sizes_s, settings.limits.max_device_id_length
+
+    def local_state(device: str) -> Any:
+        raw = windows_table.get(device.encode())
+        return None if raw is None else DeviceState.loads(bytes(raw))
+
+    def not_found(web: Any, device: str) -> Any:
+        where = "ScyllaDB" if scylla is not None else "this worker's partitions (no ScyllaDB configured)"
+        return web.json({"error": f"unknown device {device[:80]!r} in {where}"}, status=404)
+
+    async def answer(web: Any, device: str, query: lookup.WindowQuery | None) -> Any:
+        if scylla is not None:
+            if query is None:
+                rows = await scylla.read_latest(device)
+            else:
+                rows = await scylla.read_windows(
+                    device, query.metric, query.size_s, query.from_ms, query.to_ms, query.limit
+                )
+            if not rows and (query is None or not await scylla.read_latest(device)):
+                return not_found(web, device)
+        else:
+            state = local_state(device)
+            if state is None:
+                return not_found(web, device)
+            rows = lookup.from_state(state, query)
+        if query is None:
+            return web.json(lookup.latest_answer(device, rows, source))
+        return web.json(lookup.windows_answer(device, query, rows, source))
+
+    async def guarded(web: Any, request: Any, device: str, windows: bool) -> Any:
+        try:
+            lookup.check_device(device, max_length)
+            query = lookup.window_query(dict(request.query), sizes, int(time.time() * 1000)) if windows else None
+            return await answer(web, device, query)
+        except lookup.BadRequest as exc:
+            return web.json({"error": str(exc)}, status=400)
+        except SinkError as exc:
+            return web.json({"error": f"ScyllaDB: {exc}"}, status=503)
+
+    @app.page("/devices/{device}/latest")
+    async def device_latest(web: Any, request: Any, device: str) -> Any:
+        """The newest value of every metric of a device."""
+        return await guarded(web, request, device, windows=False)
+
+    @app.page("/devices/{device}/windows")
+    async def device_windows(web: Any, request: Any, device: str) -> Any:
+        """A device's window aggregates of one metric and size, newest first, paged."""
+        return await guarded(web, request, device, windows=True)

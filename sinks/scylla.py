@@ -81,6 +81,13 @@ CREATE TABLE IF NOT EXISTS {keyspace}.write_generations (
 """
 SELECT_GENERATIONS = "SELECT generation, topic FROM {keyspace}.write_generations"
 REGISTER_GENERATION = "INSERT INTO {keyspace}.write_generations (generation, topic, registered) VALUES (%s, %s, %s)"
+# The lookup API's reads (app/lookup.py): a device's partitions only, bounded by LIMIT.
+SELECT_LATEST = "SELECT metric, value, event_time, source_offset FROM {keyspace}.latest_values WHERE device_id = ?"
+SELECT_WINDOWS = (
+    "SELECT window_start, window_end, count, sum, min, max, last_value, last_event_time "
+    "FROM {keyspace}.window_aggregates WHERE device_id = ? AND metric = ? AND window_size_s = ? "
+    "AND window_start >= ? AND window_start < ? LIMIT ?"
+)
 WRITETIME_WINDOW = (
     "SELECT WRITETIME(count) FROM {keyspace}.window_aggregates "
     "WHERE device_id = ? AND metric = ? AND window_size_s = ? AND window_start = ?"
@@ -237,6 +244,7 @@ class ScyllaAggregateWriter:
         self.generation = settings.write_generation
         self._cluster: Any = None
         self._session: Any = None
+        self._reads: dict[str, Any] = {}  # the lookup API's prepared statements
         self._upsert_window: Any = None
         self._upsert_latest: Any = None
         self._window_encoder: Any = None
@@ -432,6 +440,35 @@ class ScyllaAggregateWriter:
                     table, key, version, self.generation, offset, written, generation_of(written),
                 )  # fmt: skip
 
+    async def _read(self, name: str, template: str, params: tuple[Any, ...]) -> list[Any]:
+        """A lookup's rows. Not under the write concurrency limit: reads must not queue behind a
+        backlog of writes (the API bounds its own requests)."""
+        if self._session is None:
+            raise RetriableSinkError("ScyllaDB is not connected yet")
+        statement = self._reads.get(name)
+        if statement is None:
+            prepared = await asyncio.to_thread(self._session.prepare, template.format(keyspace=self.settings.keyspace))
+            statement = self._reads[name] = prepared
+        try:
+            return list(await self._execute(statement, params))
+        except Exception as exc:
+            raise classify(exc) from exc
+
+    async def read_latest(self, device: str) -> list[tuple[str, float, int, int]]:
+        """(metric, value, event_ms, source offset) of every latest value of a device."""
+        rows = await self._read("latest", SELECT_LATEST, (device,))
+        return [(r.metric, r.value, _millis(r.event_time), r.source_offset) for r in rows]
+
+    async def read_windows(
+        self, device: str, metric: str, size_s: int, from_ms: int, to_ms: int, limit: int
+    ) -> list[tuple[Any, ...]]:
+        """(start_ms, end_ms, count, sum, min, max, last, last_ms) of windows starting in
+        [from_ms, to_ms), newest first, at most ``limit``."""
+        params = (device, metric, size_s, _datetime(from_ms), _datetime(to_ms), limit)
+        rows = await self._read("windows", SELECT_WINDOWS, params)
+        return [(_millis(r.window_start), _millis(r.window_end), r.count, r.sum, r.min, r.max, r.last_value,
+                 _millis(r.last_event_time)) for r in rows]  # fmt: skip
+
     async def close(self) -> None:
         cluster, self._cluster, self._session = self._cluster, None, None
         if cluster is not None:
@@ -439,3 +476,19 @@ class ScyllaAggregateWriter:
                 await asyncio.to_thread(cluster.shutdown)
             except Exception:
                 log.debug("Scylla cluster shutdown raised", exc_info=True)
+
+
+_EPOCH = datetime.datetime(1970, 1, 1)
+
+
+def _millis(value: Any) -> int:
+    """Epoch milliseconds of a timestamp the driver returned (a naive UTC datetime)."""
+    if value is None:
+        return 0
+    if value.tzinfo is not None:
+        value = value.replace(tzinfo=None) - value.utcoffset()
+    return int((value - _EPOCH) // datetime.timedelta(milliseconds=1))
+
+
+def _datetime(millis: int) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(0, datetime.UTC) + datetime.timedelta(milliseconds=millis)

@@ -80,6 +80,25 @@ def test_prepared_upsert_select_and_batch(session: Session) -> None:
     assert [r.count for r in session.execute(select, ("d2", "humidity", 60))] == [2, 1]
 
 
+def test_clustering_slices_with_a_bound_limit(session: Session) -> None:
+    """What the lookup API asks (sinks/scylla.py SELECT_WINDOWS), and what a server refuses."""
+    insert = session.prepare(INSERT)
+    for minute in range(10):
+        session.execute(insert, ("d1", "t", 60, T0 + dt.timedelta(minutes=minute), minute, 1.0))
+    select = session.prepare(
+        "SELECT count FROM smoke.windows WHERE device_id = ? AND metric = ? AND size_s = ? "
+        "AND window_start >= ? AND window_start < ? LIMIT ?"
+    )
+    rows = session.execute(select, ("d1", "t", 60, T0 + dt.timedelta(minutes=2), T0 + dt.timedelta(minutes=8), 4))
+    assert [r.count for r in rows] == [7, 6, 5, 4]  # the slice [2, 8), newest first, four of them
+    with pytest.raises(InvalidRequest, match="Only clustering key columns can be restricted with a slice"):
+        session.execute("SELECT count FROM smoke.windows WHERE device_id = 'd1' AND metric = 't' AND size_s > 5")
+    with pytest.raises(InvalidRequest, match="restrict the partition key"):
+        session.execute("SELECT count FROM smoke.windows WHERE window_start > '2024-01-15 10:30:00'")
+    with pytest.raises(InvalidRequest, match="LIMIT must be strictly positive"):
+        session.execute(select, ("d1", "t", 60, T0, T0 + dt.timedelta(minutes=8), 0))
+
+
 def test_wrongly_typed_values_are_rejected_by_the_server(session: Session) -> None:
     # A literal of the wrong kind (the driver interpolates simple statements client-side).
     with pytest.raises(InvalidRequest, match="Invalid STRING constant"):

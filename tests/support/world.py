@@ -200,7 +200,8 @@ async def produce(
         client_id=HARNESS_CLIENT_ID,
         linger_ms=5,
         acks="all",
-        max_request_size=8 * 1024 * 1024, **({"max_batch_size": 1} if one_per_batch else {}),
+        max_request_size=8 * 1024 * 1024,
+        **({"max_batch_size": 1} if one_per_batch else {}),
     )
     await producer.start()
     try:

@@ -360,11 +360,11 @@ class CqlServer:
                     token = tokens.next()
                     if token.kind == "ident" and token.text.lower() in table.columns:
                         last_column = token.text.lower()
-                    elif token.text == "?" and last_column in ("", "timestamp", "ttl"):
+                    elif token.text == "?" and last_column in ("", "timestamp", "ttl", "limit"):
                         markers.append(self._using_marker(last_column))
                     elif token.text == "?":
                         markers.append((last_column, table.column(last_column)))
-                    elif token.kind == "ident" and token.text.lower() in ("timestamp", "ttl"):
+                    elif token.kind == "ident" and token.text.lower() in ("timestamp", "ttl", "limit"):
                         last_column = token.text.lower()
             else:
                 raise invalid(f"cannot prepare {verb.upper()} in the test server")
@@ -386,6 +386,8 @@ class CqlServer:
             return "[timestamp]", CqlType("bigint")
         if previous == "ttl":
             return "[ttl]", CqlType("int")
+        if previous == "limit":
+            return "[limit]", CqlType("int")
         raise CqlError(ERR_SYNTAX, "bind marker outside VALUES/SET/WHERE/USING")
 
     @staticmethod
@@ -616,16 +618,53 @@ class CqlServer:
 
         return apply
 
-    def _where(self, tokens: Tokens, table: Table, values: list[Any]) -> dict[str, Any]:
+    def _where(
+        self, tokens: Tokens, table: Table, values: list[Any], ranges: list[tuple[str, str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """Equality restrictions; with ``ranges``, also <, <=, >, >= on clustering columns (SELECT)."""
         conditions: dict[str, Any] = {}
         while True:
             column = tokens.ident().lower()
-            if not tokens.accept("="):
-                raise invalid("only equality restrictions are supported by the test server")
-            conditions[column] = self._value(tokens, column, table.column(column), values)
+            operator = None
+            if ranges is not None:  # the tokenizer's symbols are single characters
+                operator = next(
+                    ("".join(op) for op in (("<", "="), (">", "="), ("<",), (">",)) if tokens.accept(*op)), None
+                )
+            if operator is not None:
+                if column not in table.clustering:
+                    raise invalid(f"Only clustering key columns can be restricted with a slice: {column}")
+                ranges.append((column, operator, self._value(tokens, column, table.column(column), values)))  # type: ignore[union-attr]
+            elif not tokens.accept("="):
+                raise invalid("only =, <, <=, > and >= restrictions are supported by the test server")
+            else:
+                conditions[column] = self._value(tokens, column, table.column(column), values)
             if not tokens.accept("and"):
                 break
+        if ranges and set(table.partition_key) - set(conditions):
+            raise invalid("Cannot execute this query as it might involve data filtering: restrict the partition key")
         return conditions
+
+    @staticmethod
+    def _in_ranges(table: Table, row: dict[str, bytes], ranges: list[tuple[str, str, Any]]) -> bool:
+        for column, operator, raw in ranges:
+            kind = table.columns[column]
+            value, bound = kind.validate(row[column], column), kind.validate(raw, column)
+            if not {"<": value < bound, "<=": value <= bound, ">": value > bound, ">=": value >= bound}[operator]:
+                return False
+        return True
+
+    @staticmethod
+    def _limit(token: str, values: list[Any]) -> int:
+        """LIMIT n, or LIMIT ? bound to the last value of the execution."""
+        if token == "?":
+            if not values or not isinstance(values[-1], bytes) or len(values[-1]) != 4:
+                raise invalid("LIMIT ? needs an int bound value")
+            limit = int(struct.unpack(">i", values[-1])[0])
+        else:
+            limit = int(token)
+        if limit <= 0:
+            raise invalid(f"LIMIT must be strictly positive, got {limit}")
+        return limit
 
     def _select(self, query: str, values: list[Any], state: dict[str, str | None]) -> bytes:
         tokens = Tokens(query)
@@ -635,13 +674,17 @@ class CqlServer:
         table = self._table(tokens, state)
         columns = self._select_columns(query, table, state)
         conditions: dict[str, Any] = {}
+        ranges: list[tuple[str, str, Any]] = []
         limit: int | None = None
         if tokens.accept("where"):
-            conditions = self._where(tokens, table, values)
+            conditions = self._where(tokens, table, values, ranges)
         if tokens.accept("limit"):
-            limit = int(tokens.next().text)
+            token = tokens.next().text
+            limit = self._limit(token, values)
         tokens.accept("allow", "filtering")
         keyed = [(k, r) for k, r in table.rows.items() if all(r.get(c) == v for c, v in conditions.items())]
+        if ranges:
+            keyed = [(k, r) for k, r in keyed if self._in_ranges(table, r, ranges)]
         keyed.sort(key=lambda item: table.sort_key(item[1]))
         if Tokens(query).accept("select", "count", "(", "*", ")"):
             encoded = [[struct.pack(">q", len(keyed))]]

@@ -1,0 +1,129 @@
+"""The device lookup API on the worker's web port (docs/api.md).
+
+``GET /devices/{id}/latest`` and ``GET /devices/{id}/windows?metric=&size=&from=&to=&limit=``,
+answered from ScyllaDB when it is configured (any worker answers for any device: the aggregates
+are there), else from this worker's own table (only devices of the partitions it holds; the
+answer says so). Parameters are checked before anything is read: a bad one is a 400 with a
+message naming it; an unknown device a 404. Output is bounded: ``limit`` (default 100, at most
+1000) windows per answer, newest first, with ``next`` naming the request for the page before.
+
+Reads are single-partition queries (ScyllaDB) or one key (the table): each costs the event loop
+a few hundred microseconds, like a batch's slice of work, so queries do not stall ingestion.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import quote, urlencode
+
+DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class BadRequest(ValueError):
+    """A parameter the API refuses; the message names it (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class WindowQuery:
+    metric: str
+    size_s: int
+    from_ms: int
+    to_ms: int
+    limit: int
+
+    def next_page(self, device: str, oldest_start_ms: int) -> str:
+        params = {"metric": self.metric, "size": self.size_s, "from": self.from_ms, "to": oldest_start_ms,
+                  "limit": self.limit}  # fmt: skip
+        return f"/devices/{quote(device, safe='')}/windows?{urlencode(params)}"
+
+
+def _iso(millis: int) -> str:
+    stamp = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=millis)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(name: str, text: str) -> int:
+    """Epoch milliseconds from ISO-8601 with a zone, or from an integer of epoch milliseconds."""
+    if re.fullmatch(r"-?\d{1,16}", text):
+        return int(text)
+    try:
+        stamp = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+    except ValueError:
+        raise BadRequest(f"{name}: {text[:40]!r} is neither ISO-8601 nor epoch milliseconds") from None
+    if stamp.tzinfo is None:
+        raise BadRequest(f"{name}: {text[:40]!r} has no time zone (add Z or +01:00)")
+    return (stamp - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+
+
+def check_device(device: str, max_length: int) -> str:
+    if not device or not device.strip():
+        raise BadRequest("device id is empty")
+    if len(device) > max_length:
+        raise BadRequest(f"device id longer than {max_length} characters")
+    if CONTROL_CHARS.search(device):
+        raise BadRequest("device id holds control characters")
+    return device
+
+
+def window_query(params: Mapping[str, str], sizes_s: list[int], now_ms: int) -> WindowQuery:
+    """The windows a request asks for; raises BadRequest."""
+    unknown = sorted(set(params) - {"metric", "size", "from", "to", "limit"})
+    if unknown:
+        raise BadRequest(f"unknown parameter {unknown[0]!r} (metric, size, from, to, limit)")
+    metric = params.get("metric", "")
+    if not metric:
+        raise BadRequest("metric is required")
+    size_text = params.get("size", str(sizes_s[0]))
+    if not size_text.isdigit() or int(size_text) not in sizes_s:
+        raise BadRequest(f"size: {size_text[:20]!r} is not a window size of this service {sizes_s}")
+    size_s = int(size_text)
+    to_ms = parse_time("to", params["to"]) if "to" in params else now_ms + 1
+    from_ms = parse_time("from", params["from"]) if "from" in params else to_ms - 24 * 3_600_000
+    if from_ms >= to_ms:
+        raise BadRequest("from must be before to")
+    limit_text = params.get("limit", str(DEFAULT_LIMIT))
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
+        raise BadRequest(f"limit: {limit_text[:20]!r} is not a whole number from 1 to {MAX_LIMIT}")
+    return WindowQuery(metric, size_s, from_ms, to_ms, int(limit_text))
+
+
+def latest_answer(device: str, rows: list[tuple[str, float, int, int]], source: str) -> dict[str, Any]:
+    metrics = {metric: {"value": value, "event_time": _iso(event_ms), "event_ms": event_ms, "source_offset": offset}
+               for metric, value, event_ms, offset in sorted(rows)}  # fmt: skip
+    return {"device_id": device, "source": source, "metrics": metrics}
+
+
+def windows_answer(device: str, query: WindowQuery, rows: list[tuple[Any, ...]], source: str) -> dict[str, Any]:
+    """Rows are (start_ms, end_ms, count, sum, min, max, last, last_ms), newest first."""
+    windows = [
+        {"start": _iso(start), "end": _iso(end), "count": count, "sum": total, "min": low, "max": high,
+         "mean": total / count if count else None, "last": last, "last_event_time": _iso(last_ms)}
+        for start, end, count, total, low, high, last, last_ms in rows
+    ]  # fmt: skip
+    more = len(rows) == query.limit
+    return {
+        "device_id": device, "metric": query.metric, "size_s": query.size_s, "from": _iso(query.from_ms),
+        "to": _iso(query.to_ms), "source": source, "windows": windows,
+        "next": query.next_page(device, rows[-1][0]) if more else None,
+    }  # fmt: skip
+
+
+def from_state(doc: Any, query: WindowQuery | None) -> list[tuple[Any, ...]]:
+    """Latest values (query None) or windows of a device's stored state, in the rows' shapes."""
+    from agents.windows import COUNT, LAST, LAST_MS, MAX, MIN, SUM
+
+    if query is None:
+        return [(metric, last[0], last[1], last[2]) for metric, last in doc.latest.items()]
+    size_ms = query.size_s * 1000
+    rows = [
+        (key.start_ms, key.start_ms + size_ms, agg[COUNT], agg[SUM], agg[MIN], agg[MAX], agg[LAST], agg[LAST_MS])
+        for key, agg in doc.windows.items()
+        if key.metric == query.metric and key.size_s == query.size_s and query.from_ms <= key.start_ms < query.to_ms
+    ]
+    rows.sort(reverse=True)
+    return rows[: query.limit]
