@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from agents.alerts import AlertPolicy, AlertRow
 from agents.batching import InOrderWrites
 from agents.windows import COUNT, LAST, LAST_MS, MAX, MIN, OFFSET, SUM, ApplyResult, DeviceState, WindowPolicy
 from app import metrics
@@ -119,6 +120,7 @@ class _DeviceResult:
     replayed: int = 0
     late: dict[int, int] = field(default_factory=dict)
     duplicates: int = 0
+    alerts: list[AlertRow] = field(default_factory=list)
 
 
 class Pipeline:
@@ -138,8 +140,12 @@ class Pipeline:
         max_state_bytes: int = 512 * 1024,
         clock: Callable[[], float] = time.time,
         schemas: Schemas | None = None,
+        alerts: AlertPolicy | None = None,
+        alert_sink: Sink[list[AlertRow]] | None = None,
     ) -> None:
         self.decoder = decoder
+        self.alerts = alerts  # threshold rules on closed windows (agents/alerts.py); None: no rules
+        self.alert_sink = alert_sink  # the alerts topic
         self.schemas = schemas  # fetches the schemas of framed payloads before they are decoded
         self.windows = windows
         self.state = state
@@ -233,6 +239,7 @@ class Pipeline:
             raw += result.rows
             aggregates.windows += result.windows
             aggregates.latest += result.latest
+            aggregates.alerts += result.alerts
             outcome.replayed += result.replayed
             outcome.duplicates += result.duplicates
             for size, count in result.late.items():
@@ -290,12 +297,16 @@ class Pipeline:
                         time.monotonic() - started, len(pending), len(records), ", ".join(where))  # fmt: skip
 
     async def _write_both(self, raw: RawBatch, aggregates: AggregateBatch) -> None:
-        """Both sinks at once; the first failure cancels the other write and is raised as it
-        is (not wrapped in an ExceptionGroup), so the sink signals keep their meaning."""
+        """Both sinks (and the alerts topic) at once; the first failure cancels the other writes
+        and is raised as it is (not wrapped in an ExceptionGroup), so the sink signals keep
+        their meaning."""
         writes = [asyncio.ensure_future(self.retry.run(self.raw_sink.name, lambda: self.raw_sink.write(raw)))]
         if self.aggregate_sink is not None:
             sink = self.aggregate_sink
             writes.append(asyncio.ensure_future(self.retry.run(sink.name, lambda: sink.write(aggregates))))
+        if self.alert_sink is not None and aggregates.alerts:
+            topic, alerts = self.alert_sink, aggregates.alerts
+            writes.append(asyncio.ensure_future(self.retry.run(topic.name, lambda: topic.write(alerts))))
         try:
             done, _ = await asyncio.wait(writes, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -413,7 +424,7 @@ class Pipeline:
         result = _DeviceResult()
         applied = ApplyResult()
         changed = replayed = False
-        isolated = state.isolated
+        isolated, alerts = state.isolated, self.alerts
         for message in messages:
             if isolated and message.offset <= state.offset and message.offset in isolated:
                 message.rejection = _isolated_again(message)
@@ -425,13 +436,29 @@ class Pipeline:
             else:
                 replayed = True
                 result.replayed += 1
+                if alerts is not None:
+                    result.alerts += alerts.replayed(state, message.offset)
             _add_rows(result.rows, message, ingest)
-        self._collect(device_key.decode(), state, applied, result)
+        device = device_key.decode()
+        self._collect(device, state, applied, result)
+        if changed and alerts is not None:
+            result.alerts += self._evaluate(device, state, messages)
         if changed or replayed:
             where = (messages[0].topic, messages[0].partition)
-            self.windows.evict(state, self.written.get(where, -1))
+            written = self.written.get(where, -1)
+            self.windows.evict(state, written)
+            if alerts is not None:
+                alerts.written(state, written)
             result.state = self._dump(state)
         return result
+
+    def _evaluate(self, device: str, state: DeviceState, messages: list[SourceMessage]) -> list[AlertRow]:
+        """The alert rules on the windows this batch closed; the device's labels kept for their filters."""
+        assert self.alerts is not None
+        last = next((m.readings[-1] for m in reversed(messages) if m.readings and m.rejection is None), None)
+        if last is not None and state.labels != [last.factory, last.line]:
+            state.labels = [last.factory, last.line]
+        return self.alerts.evaluate(device, state, state.offset)
 
     def _isolate(
         self, device_key: bytes, messages: list[SourceMessage], stored: bytes | None, ingest: int
@@ -483,8 +510,12 @@ class Pipeline:
             applied.duplicates += one.duplicates
             for size, count in one.late.items():
                 applied.late[size] = applied.late.get(size, 0) + count
-        self._collect(device_key.decode(errors="replace"), state, applied, result)
-        if changed:
+        device = device_key.decode(errors="replace")
+        self._collect(device, state, applied, result)
+        if changed and self.alerts is not None and state.offset >= 0:
+            result.alerts += self._evaluate(device, state, messages)
+            result.state = self._dump(state, limit=False)
+        elif changed:
             result.state = before
         return result
 

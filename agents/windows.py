@@ -62,12 +62,20 @@ class DeviceState:
     # internal error, a state too large), newest last: a replay rejects them again instead of
     # storing what the first run dead-lettered.
     isolated: list[int] = field(default_factory=list)
+    # Alert rules (agents/alerts.py), only when rules are configured: the device's factory and
+    # line, each rule's [raised, run of beyond windows, last window evaluated], and alerts kept
+    # with the offset that raised them until their batch is written.
+    labels: list[str] | None = None
+    alerts: dict[str, list[int]] = field(default_factory=dict)
+    pending_alerts: list[list[Any]] = field(default_factory=list)
 
     def dumps(self) -> bytes:
         doc = {"o": self.offset, "w": self.watermark_ms, "a": {k.encode(): v for k, v in self.windows.items()},
                "l": self.latest, "q": _pack_recent(self.recent)}  # fmt: skip
         if self.isolated:
             doc["x"] = self.isolated
+        if self.alerts:
+            doc["r"] = {"b": self.labels, "s": self.alerts, "p": self.pending_alerts}
         return orjson.dumps(doc)
 
     @staticmethod
@@ -79,7 +87,11 @@ class DeviceState:
         recent = _unpack_recent(doc["q"]) if "q" in doc else doc.get("r", {})  # "r": before 2026-12
         # States written before 2026-12 could hold an emptied list (the bug that raised IndexError).
         recent = {metric: times for metric, times in recent.items() if times}
-        return DeviceState(doc["o"], doc["w"], windows, doc["l"], recent, doc.get("x", []))
+        state = DeviceState(doc["o"], doc["w"], windows, doc["l"], recent, doc.get("x", []))
+        rules = doc.get("r") if "q" in doc else None  # before 2026-12, "r" held the recent times
+        if rules:
+            state.labels, state.alerts, state.pending_alerts = rules["b"], rules["s"], rules["p"]
+        return state
 
 
 def _pack_recent(recent: dict[str, list[int]]) -> list[list[Any]]:

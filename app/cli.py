@@ -319,6 +319,13 @@ def _worker_command(faust_args: list[str]) -> int:
         settings = load_settings()
     except SettingsError as exc:
         return _fail(f"invalid setting {exc}")
+    if settings.alerts.rules_file is not None:
+        from agents.alerts import RulesError, load_rules
+
+        try:
+            load_rules(settings.alerts.rules_file, settings.windows.sizes_s)
+        except RulesError as exc:
+            return _fail(str(exc))
     refused = _kafka_login_refused(settings)
     if refused:
         return _fail(refused)

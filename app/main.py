@@ -11,6 +11,7 @@ from typing import Any
 
 import faust
 
+from agents.alerts import AlertPolicy, load_rules
 from agents.ingest import register as register_ingest
 from agents.offsets import BrokerProbe, OffsetGate
 from agents.pipeline import Pipeline
@@ -21,6 +22,7 @@ from app.kafka import iam_token_provider, kafka_client_options, ssl_context
 from app.registry import SchemaRegistry
 from app.settings import KafkaSettings, Settings
 from models.decode import Decoder
+from sinks.alerts import KafkaAlerts
 from sinks.base import RetryPolicy
 from sinks.clickhouse import raw_writer
 from sinks.dead_letters import KafkaDeadLetters
@@ -141,6 +143,12 @@ def compose(app: faust.App, settings: Settings) -> Pipeline:
         partitions=kafka.partitions, replicas=kafka.replication_factor,
     )  # fmt: skip
     tables = declare_tables(app, settings)
+    # Threshold rules on closed windows; their alerts go to the alerts topic (and ScyllaDB).
+    rules = load_rules(settings.alerts.rules_file, windows.sizes_s) if settings.alerts.rules_file else []
+    alerts_topic = app.topic(
+        kafka.alerts_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+        partitions=kafka.partitions, replicas=kafka.replication_factor,
+    )  # fmt: skip
     # Schema-registry framed payloads: their schemas are fetched before a batch is decoded.
     registry = SchemaRegistry(settings.registry) if settings.registry.url else None
     pipeline = Pipeline(
@@ -151,6 +159,8 @@ def compose(app: faust.App, settings: Settings) -> Pipeline:
             schemas=registry.book if registry is not None else None,
         ),
         schemas=registry,
+        alerts=AlertPolicy(rules, windows.grace_s) if rules else None,
+        alert_sink=KafkaAlerts(alerts_topic) if rules else None,
         windows=WindowPolicy(windows.sizes_s, windows.grace_s, windows.retention_windows, windows.dedup_s),
         state=tables.windows,
         raw_sink=raw_writer(settings.clickhouse),
@@ -173,5 +183,6 @@ def compose(app: faust.App, settings: Settings) -> Pipeline:
 
 
 def produced_topics(app: faust.App, settings: Settings) -> list[str]:
-    """Every topic a worker writes to: the table changelogs and the DLQ."""
-    return [table.changelog_topic.get_topic_name() for table in app.tables.values()] + [settings.kafka.dlq_topic]
+    """Every topic a worker writes to: the table changelogs, the DLQ, the alerts topic if rules are set."""
+    topics = [table.changelog_topic.get_topic_name() for table in app.tables.values()] + [settings.kafka.dlq_topic]
+    return topics + ([settings.kafka.alerts_topic] if settings.alerts.rules_file else [])

@@ -88,3 +88,6 @@ REGISTRY_REQUESTS = Counter(
 )
 # Schemas held in the worker's cache.
 REGISTRY_SCHEMAS = Gauge("millstream_schema_registry_schemas", "Schemas cached from the registry")
+
+# Alerts sent to the alerts topic, by rule and state (raised, cleared); a replay may count one twice.
+ALERTS = Counter("millstream_alerts_total", "Alerts sent to the alerts topic", ["rule", "state"])

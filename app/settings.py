@@ -384,6 +384,17 @@ class PipelineSettings(_Group):
     )
 
 
+class AlertSettings(_Group):
+    """Threshold alerts on closed windows (agents/alerts.py), to MILLSTREAM_KAFKA__ALERTS_TOPIC and
+    ScyllaDB ``alerts_by_device``."""
+
+    rules_file: FilePath | None = Field(
+        None,
+        description="YAML file of threshold rules (README, Alerts); checked at start, a bad rule stops it. "
+        "Unset: no alerts.",
+    )
+
+
 class RegistrySettings(_Group):
     """A Confluent-compatible schema registry, for schema-registry framed payloads (docs/msk.md)."""
 
@@ -508,6 +519,7 @@ class Settings(BaseSettings):
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     bridge: BridgeSettings = Field(default_factory=BridgeSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
     store: Literal["rocksdb", "memory"] = Field(
         "rocksdb", description="Table store: rocksdb (production) or memory (tests)."
     )

@@ -28,6 +28,9 @@ class AggregateBatch:
 
     windows: list[WindowRow] = field(default_factory=list)
     latest: list[LatestRow] = field(default_factory=list)
+    # Alerts raised or cleared (agents/alerts.py AlertRow): (alert id, device, rule, metric,
+    # raised|cleared, value, threshold, window start ms, window end ms, offset).
+    alerts: list[tuple[str, str, str, str, str, float, float, int, int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.windows) + len(self.latest)
+        return len(self.windows) + len(self.latest) + len(self.alerts)

@@ -71,6 +71,25 @@ CREATE TABLE IF NOT EXISTS {keyspace}.latest_values (
     PRIMARY KEY (device_id, metric)
 )
 """
+DDL_ALERTS = """
+CREATE TABLE IF NOT EXISTS {keyspace}.alerts_by_device (
+    device_id text,
+    event_time timestamp,
+    alert_id text,
+    rule text,
+    metric text,
+    state text,
+    value double,
+    threshold double,
+    window_start timestamp,
+    source_offset bigint,
+    PRIMARY KEY (device_id, event_time, alert_id)
+) WITH CLUSTERING ORDER BY (event_time DESC)
+"""
+UPSERT_ALERT = (
+    "INSERT INTO {keyspace}.alerts_by_device (device_id, event_time, alert_id, rule, metric, state, value, "
+    "threshold, window_start, source_offset) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+)
 DDL_GENERATIONS = """
 CREATE TABLE IF NOT EXISTS {keyspace}.write_generations (
     generation int,
@@ -245,6 +264,7 @@ class ScyllaAggregateWriter:
         self._cluster: Any = None
         self._session: Any = None
         self._reads: dict[str, Any] = {}  # the lookup API's prepared statements
+        self._upsert_alert: Any = None
         self._upsert_window: Any = None
         self._upsert_latest: Any = None
         self._window_encoder: Any = None
@@ -294,12 +314,13 @@ class ScyllaAggregateWriter:
                     factor=s.replication_factor,
                 )
             )
-            for ddl in (DDL_WINDOWS, DDL_LATEST, DDL_GENERATIONS):
+            for ddl in (DDL_WINDOWS, DDL_LATEST, DDL_GENERATIONS, DDL_ALERTS):
                 await self._run(ddl.format(keyspace=s.keyspace))
             await self._register_generation()
             prepare = self._session.prepare
             self._upsert_window = await asyncio.to_thread(prepare, UPSERT_WINDOW.format(keyspace=s.keyspace))
             self._upsert_latest = await asyncio.to_thread(prepare, UPSERT_LATEST.format(keyspace=s.keyspace))
+            self._upsert_alert = await asyncio.to_thread(prepare, UPSERT_ALERT.format(keyspace=s.keyspace))
             self._window_encoder = RowEncoder(self._upsert_window)
             self._latest_encoder = RowEncoder(self._upsert_latest)
             self._writetime_window = await asyncio.to_thread(prepare, WRITETIME_WINDOW.format(keyspace=s.keyspace))
@@ -369,6 +390,9 @@ class ScyllaAggregateWriter:
             ((r[0], r[1], r[2]), window((*r, write_version(generation, r[11])))) for r in batch.windows
         ]
         rows += [((r[0],), latest((*r, write_version(generation, r[4])))) for r in batch.latest]
+        alert = self._upsert_alert
+        rows += [((a[1],), alert.bind((a[1], a[8], a[0], a[2], a[3], a[4], a[5], a[6], a[7], a[9],
+                                       write_version(generation, a[9])))) for a in batch.alerts]  # fmt: skip
         if limit == 1:
             return [statement for _, statement in rows]
         rows.sort(key=lambda row: row[0])

@@ -56,6 +56,10 @@ class World:
         return f"{self.name}-dlq"
 
     @property
+    def alerts_topic(self) -> str:
+        return f"{self.name}-alerts"
+
+    @property
     def database(self) -> str:
         return f"db_{self.name}"
 
@@ -69,6 +73,7 @@ class World:
                 "MILLSTREAM_KAFKA__BOOTSTRAP_SERVERS": self.broker.bootstrap,
                 "MILLSTREAM_KAFKA__TELEMETRY_TOPIC": self.topic,
                 "MILLSTREAM_KAFKA__DLQ_TOPIC": self.dlq_topic,
+                "MILLSTREAM_KAFKA__ALERTS_TOPIC": self.alerts_topic,
                 "MILLSTREAM_KAFKA__CONSUMER_GROUP": f"{self.name}-group",
                 "MILLSTREAM_KAFKA__PARTITIONS": str(PARTITIONS),
                 "MILLSTREAM_STORE": self.store,

@@ -1,0 +1,209 @@
+"""Threshold alerts with hysteresis, evaluated on closed event-time windows, exact under replay.
+
+A rule watches one metric at one window size: a window is *beyond* when its maximum is above
+``above`` (or its minimum below ``below``). After ``for_windows`` consecutive beyond windows
+the rule raises; it clears at the first window whose maximum is at or under ``clear`` (or
+whose minimum is at or over it). Between the two levels nothing changes, so a value hovering
+at the threshold raises one alert, not hundreds. A window without the metric changes nothing.
+
+Rules are evaluated when a window *closes* (its end plus the grace period is behind the
+device's watermark), so a closed window's aggregates are final: readings out of order within
+the grace period give exactly the alerts the same readings in order give. The per-device state
+of each rule (raised or not, the run of beyond windows, the last window evaluated) lives in the
+device's state, in its changelog, and moves only when the device's offset does: a replayed
+message moves nothing twice. An alert is kept in the state with the offset that raised it until
+its batch is written, and is emitted again when that offset is replayed after a crash; its id is
+derived from what it says (device, rule, window, raised or cleared), so the second write is the
+same alert, not another one.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agents.windows import MAX, MIN, DeviceState, WindowKey
+
+RULE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+RULE_FIELDS = {"name", "metric", "above", "below", "clear", "for_windows", "window_s", "devices", "factories",
+               "lines", "description"}  # fmt: skip
+RAISED, CLEARED = "raised", "cleared"
+PENDING_KEPT = 64  # alerts a device state holds until written, at most
+
+
+class RulesError(ValueError):
+    """A rules file that cannot be used; ``str()`` is one line naming the file and the rule."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    metric: str
+    threshold: float
+    above: bool  # True: max > threshold is beyond; False: min < threshold
+    clear: float
+    for_windows: int
+    window_s: int
+    devices: tuple[str, ...] = ()
+    factories: tuple[str, ...] = ()
+    lines: tuple[str, ...] = ()
+
+    def applies(self, device: str, factory: str, line: str) -> bool:
+        return (
+            (not self.devices or any(fnmatch.fnmatchcase(device, p) for p in self.devices))
+            and (not self.factories or any(fnmatch.fnmatchcase(factory, p) for p in self.factories))
+            and (not self.lines or any(fnmatch.fnmatchcase(line, p) for p in self.lines))
+        )
+
+    def beyond(self, agg: list[Any]) -> tuple[bool, bool, float]:
+        """(beyond the threshold, back at or past the clear level, the value that decided)."""
+        if self.above:
+            value = agg[MAX]
+            return value > self.threshold, value <= self.clear, value
+        value = agg[MIN]
+        return value < self.threshold, value >= self.clear, value
+
+
+# (alert id, device, rule, metric, raised|cleared, value, threshold, window start ms, window end ms, offset)
+AlertRow = tuple[str, str, str, str, str, float, float, int, int, int]
+
+
+def alert_id(device: str, rule: str, window_start_ms: int, kind: str) -> str:
+    digest = hashlib.sha256(f"{device}\x00{rule}\x00{window_start_ms}\x00{kind}".encode()).hexdigest()
+    return digest[:32]
+
+
+def _number(where: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RulesError(f"{where}: {name} must be a finite number, not {value!r}")
+    return float(value)
+
+
+def _patterns(where: str, name: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise RulesError(f"{where}: {name} must be a non-empty list of patterns (fnmatch, e.g. press-*)")
+    return tuple(value)
+
+
+def parse_rule(where: str, doc: Any, sizes_s: list[int]) -> Rule:
+    if not isinstance(doc, dict):
+        raise RulesError(f"{where}: a rule is a mapping (name, metric, above or below, ...)")
+    unknown = sorted(set(doc) - RULE_FIELDS)
+    if unknown:
+        raise RulesError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(RULE_FIELDS))})")
+    name = doc.get("name")
+    if not isinstance(name, str) or not RULE_NAME.fullmatch(name):
+        raise RulesError(f"{where}: name must be 1-64 of A-Z a-z 0-9 _ . - (it names the alerts)")
+    where = f"{where} {name!r}"
+    metric = doc.get("metric")
+    if not isinstance(metric, str) or not metric:
+        raise RulesError(f"{where}: metric is required")
+    if ("above" in doc) == ("below" in doc):
+        raise RulesError(f"{where}: give exactly one of above or below")
+    above = "above" in doc
+    threshold = _number(where, "above" if above else "below", doc["above" if above else "below"])
+    clear = _number(where, "clear", doc.get("clear", threshold))
+    if (above and clear > threshold) or (not above and clear < threshold):
+        side = "at or below above" if above else "at or above below"
+        raise RulesError(f"{where}: clear ({clear:g}) must be {side} ({threshold:g})")
+    count = doc.get("for_windows", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 1000:
+        raise RulesError(f"{where}: for_windows must be a whole number from 1 to 1000")
+    size = doc.get("window_s", sizes_s[0])
+    if size not in sizes_s:
+        raise RulesError(f"{where}: window_s {size!r} is not one of MILLSTREAM_WINDOWS__SIZES_S {sizes_s}")
+    return Rule(
+        name, metric, threshold, above, clear, count, int(size),
+        _patterns(where, "devices", doc.get("devices")), _patterns(where, "factories", doc.get("factories")),
+        _patterns(where, "lines", doc.get("lines")),
+    )  # fmt: skip
+
+
+def load_rules(path: Path, sizes_s: list[int]) -> list[Rule]:
+    """The rules of a YAML file (``rules:`` a list); raises RulesError with one line."""
+    import yaml
+
+    where = f"MILLSTREAM_ALERTS__RULES_FILE ({path})"
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise RulesError(f"{where}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RulesError(f"{where}: not YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("rules"), list):
+        raise RulesError(f"{where}: expected a mapping with a list under 'rules'")
+    rules = [parse_rule(f"{where}: rule {n}", item, sizes_s) for n, item in enumerate(doc["rules"], 1)]
+    names = [rule.name for rule in rules]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise RulesError(f"{where}: rule name {duplicate!r} is used twice")
+    return rules
+
+
+class AlertPolicy:
+    """Evaluates the rules on a device's newly closed windows; keeps their state in the device's."""
+
+    def __init__(self, rules: list[Rule], grace_s: float) -> None:
+        self.rules = rules
+        self.grace_ms = int(grace_s * 1000)
+
+    def evaluate(self, device: str, state: DeviceState, offset: int) -> list[AlertRow]:
+        """New alerts from windows that closed since the last evaluation, oldest first. The
+        caller passes the newest offset applied; the alerts are kept pending under it."""
+        out: list[AlertRow] = []
+        factory, line = state.labels or ("", "")
+        for rule in self.rules:
+            if not rule.applies(device, factory, line):
+                continue
+            size_ms = rule.window_s * 1000
+            entry = state.alerts.setdefault(rule.name, [0, 0, -1])  # raised, run of beyond windows, last evaluated
+            closed_before = state.watermark_ms - self.grace_ms - size_ms  # windows starting at or before are closed
+            newest_closed = closed_before - closed_before % size_ms
+            if newest_closed <= entry[2]:
+                continue  # no window closed since the last evaluation: no scan
+            metric, size_s, after = rule.metric, rule.window_s, entry[2]
+            starts = sorted(
+                key.start_ms for key in state.windows
+                if key.metric == metric and key.size_s == size_s and after < key.start_ms <= closed_before
+            )  # fmt: skip
+            for start in starts:
+                agg = state.windows[WindowKey(rule.metric, rule.window_s, start)]
+                beyond, back, value = rule.beyond(agg)
+                kind = None
+                if beyond:
+                    entry[1] += 1
+                    if not entry[0] and entry[1] >= rule.for_windows:
+                        entry[0], kind = 1, RAISED
+                else:
+                    entry[1] = 0
+                    if entry[0] and back:
+                        entry[0], kind = 0, CLEARED
+                if kind is not None:
+                    alert = (alert_id(device, rule.name, start, kind), device, rule.name, rule.metric, kind, value,
+                             rule.threshold, start, start + size_ms, offset)  # fmt: skip
+                    out.append(alert)
+                    state.pending_alerts.append(list(alert))
+            entry[2] = newest_closed
+        del state.pending_alerts[:-PENDING_KEPT]
+        return out
+
+    @staticmethod
+    def replayed(state: DeviceState, offset: int) -> list[AlertRow]:
+        """The alerts a replayed message raised the first time (their write may not have happened)."""
+        return [tuple(alert) for alert in state.pending_alerts if alert[9] == offset]
+
+    @staticmethod
+    def written(state: DeviceState, written_through: int) -> None:
+        """Forget alerts whose batch is written."""
+        state.pending_alerts[:] = [a for a in state.pending_alerts if a[9] > written_through]
