@@ -1,9 +1,12 @@
 """Threshold alerts with hysteresis, evaluated on closed event-time windows, exact under replay.
 
 A rule watches one metric at one window size: a window is *beyond* when its maximum is above
-``above`` (or its minimum below ``below``). After ``for_windows`` consecutive beyond windows
-the rule raises; it clears at the first window whose maximum is at or under ``clear`` (or
-whose minimum is at or over it). Between the two levels nothing changes, so a value hovering
+``above`` (or its minimum below ``below``), or, for an ``anomaly`` rule, when its mean lies more
+than ``z`` standard deviations from an exponentially weighted moving average of the means of the
+device's windows before it (after ``warmup`` windows; the score is the alert's value). After
+``for_windows`` consecutive beyond windows the rule raises; it clears at the first window whose
+maximum is at or under ``clear`` (or whose minimum is at or over it; the score at or under
+``clear_z``). Between the two levels nothing changes, so a value hovering
 at the threshold raises one alert, not hundreds. A window without the metric changes nothing.
 
 Rules are evaluated when a window *closes* (its end plus the grace period is behind the
@@ -27,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agents.windows import MAX, MIN, DeviceState, WindowKey
+from agents.windows import COUNT, MAX, MIN, SUM, DeviceState, WindowKey
 
 RULE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 RULE_FIELDS = {"name", "metric", "above", "below", "clear", "for_windows", "window_s", "devices", "factories",
-               "lines", "description"}  # fmt: skip
+               "lines", "description", "anomaly"}  # fmt: skip
+ANOMALY_FIELDS = {"z", "clear_z", "alpha", "warmup"}
 RAISED, CLEARED = "raised", "cleared"
 PENDING_KEPT = 64  # alerts a device state holds until written, at most
 
@@ -52,6 +56,8 @@ class Rule:
     devices: tuple[str, ...] = ()
     factories: tuple[str, ...] = ()
     lines: tuple[str, ...] = ()
+    # Anomaly rules: (alpha, warmup windows); threshold and clear are then z-scores.
+    anomaly: tuple[float, int] | None = None
 
     def applies(self, device: str, factory: str, line: str) -> bool:
         return (
@@ -60,13 +66,31 @@ class Rule:
             and (not self.lines or any(fnmatch.fnmatchcase(line, p) for p in self.lines))
         )
 
-    def beyond(self, agg: list[Any]) -> tuple[bool, bool, float]:
+    def beyond(self, agg: list[Any], entry: list[Any]) -> tuple[bool, bool, float]:
         """(beyond the threshold, back at or past the clear level, the value that decided)."""
+        if self.anomaly is not None:
+            return self._score(agg[SUM] / agg[COUNT], entry)
         if self.above:
             value = agg[MAX]
             return value > self.threshold, value <= self.clear, value
         value = agg[MIN]
         return value < self.threshold, value >= self.clear, value
+
+    def _score(self, mean: float, entry: list[Any]) -> tuple[bool, bool, float]:
+        """The window mean's z-score against the EWMA of the means before it, then the EWMA
+        updated with it. During warm-up (and while the variance is 0) nothing is beyond."""
+        assert self.anomaly is not None
+        alpha, warmup = self.anomaly
+        seen, average, variance = entry[3], entry[4], entry[5]
+        score = abs(mean - average) / math.sqrt(variance) if seen >= warmup and variance > 0 else 0.0
+        if seen == 0:
+            average = mean
+        else:
+            step = mean - average
+            average += alpha * step
+            variance = (1 - alpha) * (variance + alpha * step * step)
+        entry[3], entry[4], entry[5] = seen + 1, average, variance
+        return score > self.threshold, score <= self.clear, round(score, 6)
 
 
 # (alert id, device, rule, metric, raised|cleared, value, threshold, window start ms, window end ms, offset)
@@ -107,8 +131,10 @@ def parse_rule(where: str, doc: Any, sizes_s: list[int]) -> Rule:
     metric = doc.get("metric")
     if not isinstance(metric, str) or not metric:
         raise RulesError(f"{where}: metric is required")
+    if "anomaly" in doc:
+        return _anomaly_rule(where, name, metric, doc, sizes_s)
     if ("above" in doc) == ("below" in doc):
-        raise RulesError(f"{where}: give exactly one of above or below")
+        raise RulesError(f"{where}: give exactly one of above, below or anomaly")
     above = "above" in doc
     threshold = _number(where, "above" if above else "below", doc["above" if above else "below"])
     clear = _number(where, "clear", doc.get("clear", threshold))
@@ -126,6 +152,28 @@ def parse_rule(where: str, doc: Any, sizes_s: list[int]) -> Rule:
         _patterns(where, "devices", doc.get("devices")), _patterns(where, "factories", doc.get("factories")),
         _patterns(where, "lines", doc.get("lines")),
     )  # fmt: skip
+
+
+def _anomaly_rule(where: str, name: str, metric: str, doc: dict[str, Any], sizes_s: list[int]) -> Rule:
+    spec = doc["anomaly"]
+    if "above" in doc or "below" in doc or "clear" in doc:
+        raise RulesError(f"{where}: an anomaly rule takes no above, below or clear (its levels are z and clear_z)")
+    if not isinstance(spec, dict) or set(spec) - ANOMALY_FIELDS:
+        raise RulesError(f"{where}: anomaly is a mapping of {', '.join(sorted(ANOMALY_FIELDS))}")
+    z = _number(where, "anomaly.z", spec.get("z", 4.0))
+    clear_z = _number(where, "anomaly.clear_z", spec.get("clear_z", z / 2))
+    alpha = _number(where, "anomaly.alpha", spec.get("alpha", 0.1))
+    warmup = spec.get("warmup", 30)
+    if not z > 0 or not 0 <= clear_z <= z:
+        raise RulesError(f"{where}: anomaly needs z > 0 and 0 <= clear_z <= z")
+    if not 0 < alpha < 1:
+        raise RulesError(f"{where}: anomaly.alpha must lie between 0 and 1 (the weight of the newest window)")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 2 <= warmup <= 100_000:
+        raise RulesError(f"{where}: anomaly.warmup must be a whole number of windows from 2 to 100000")
+    base = {k: v for k, v in doc.items() if k != "anomaly"}
+    plain = parse_rule(where.rsplit(" ", 1)[0], {**base, "above": 0.0}, sizes_s)
+    return Rule(name, metric, z, True, clear_z, plain.for_windows, plain.window_s, plain.devices, plain.factories,
+                plain.lines, (alpha, warmup))  # fmt: skip
 
 
 def load_rules(path: Path, sizes_s: list[int]) -> list[Rule]:
@@ -167,7 +215,8 @@ class AlertPolicy:
             if not rule.applies(device, factory, line):
                 continue
             size_ms = rule.window_s * 1000
-            entry = state.alerts.setdefault(rule.name, [0, 0, -1])  # raised, run of beyond windows, last evaluated
+            # raised, run of beyond windows, last window evaluated (anomaly rules: windows seen, EWMA, variance)
+            entry = state.alerts.setdefault(rule.name, [0, 0, -1] if rule.anomaly is None else [0, 0, -1, 0, 0.0, 0.0])
             closed_before = state.watermark_ms - self.grace_ms - size_ms  # windows starting at or before are closed
             newest_closed = closed_before - closed_before % size_ms
             if newest_closed <= entry[2]:
@@ -179,7 +228,7 @@ class AlertPolicy:
             )  # fmt: skip
             for start in starts:
                 agg = state.windows[WindowKey(rule.metric, rule.window_s, start)]
-                beyond, back, value = rule.beyond(agg)
+                beyond, back, value = rule.beyond(agg, entry)
                 kind = None
                 if beyond:
                     entry[1] += 1

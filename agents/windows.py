@@ -66,7 +66,7 @@ class DeviceState:
     # line, each rule's [raised, run of beyond windows, last window evaluated], and alerts kept
     # with the offset that raised them until their batch is written.
     labels: list[str] | None = None
-    alerts: dict[str, list[int]] = field(default_factory=dict)
+    alerts: dict[str, list[Any]] = field(default_factory=dict)
     pending_alerts: list[list[Any]] = field(default_factory=list)
 
     def dumps(self) -> bytes:

@@ -90,6 +90,7 @@ def test_readings_out_of_order_within_grace_raise_the_same_alerts(
     rules = [
         rule(above=80, clear=77, for_windows=2),
         parse_rule("r2", {"name": "cold", "metric": "t", "below": 70}, SIZES),
+        parse_rule("r3", {"name": "odd", "metric": "t", "anomaly": {"z": 1.5, "warmup": 3}}, SIZES),
     ]
     assert run(shuffled + tail, rules) == run(readings + tail, rules)
 
@@ -108,7 +109,7 @@ def test_alert_state_survives_the_changelog_and_replays_emit_the_same_alert() ->
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("rules: [{name: a, metric: t}]", "rule 1 'a': give exactly one of above or below"),
+        ("rules: [{name: a, metric: t}]", "rule 1 'a': give exactly one of above, below or anomaly"),
         ("rules: [{name: a, metric: t, above: 80, clear: 85}]", "clear \\(85\\) must be at or below above \\(80\\)"),
         ("rules: [{name: a, metric: t, below: 5, clear: 1}]", "clear \\(1\\) must be at or above below \\(5\\)"),
         ("rules: [{name: a, metric: t, above: 80, window_s: 5}]", "window_s 5 is not one of"),
@@ -132,3 +133,25 @@ def test_a_bad_rules_file_is_one_line_naming_file_rule_and_problem(tmp_path: Pat
 def test_a_missing_rules_file_says_so(tmp_path: Path) -> None:
     with pytest.raises(RulesError, match="No such file"):
         load_rules(tmp_path / "nope.yaml", SIZES)
+
+
+def anomaly(**spec: Any) -> Any:
+    return parse_rule("rule 1", {"name": "odd", "metric": "t", "anomaly": {"z": 4, "warmup": 10, **spec}}, SIZES)
+
+
+def test_an_anomaly_after_warm_up_raises_and_a_return_to_normal_clears() -> None:
+    rng = random.Random(3)
+    normal = [50 + rng.uniform(-1, 1) for _ in range(30)]
+    alerts = run(minutes([*normal, 80.0, 50.0, 50.5]), [anomaly()])
+    assert alerts == [(RAISED, T0 + 30 * 60_000), (CLEARED, T0 + 31 * 60_000)]
+
+
+def test_no_anomaly_during_warm_up() -> None:
+    assert run(minutes([50, 50.5, 49.5, 200, 50]), [anomaly(warmup=10)]) == []
+
+
+def test_an_anomaly_rule_refuses_threshold_fields() -> None:
+    with pytest.raises(RulesError, match="takes no above, below or clear"):
+        parse_rule("rule 1", {"name": "odd", "metric": "t", "anomaly": {}, "above": 3}, SIZES)
+    with pytest.raises(RulesError, match="alpha must lie between 0 and 1"):
+        anomaly(alpha=1.5)
