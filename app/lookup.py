@@ -92,6 +92,34 @@ def window_query(params: Mapping[str, str], sizes_s: list[int], now_ms: int) -> 
     return WindowQuery(metric, size_s, from_ms, to_ms, int(limit_text))
 
 
+def alerts_query(params: Mapping[str, str], now_ms: int) -> WindowQuery:
+    """The alerts a request asks for (event time in [from, to), at most limit); raises BadRequest."""
+    unknown = sorted(set(params) - {"from", "to", "limit"})
+    if unknown:
+        raise BadRequest(f"unknown parameter {unknown[0]!r} (from, to, limit)")
+    to_ms = parse_time("to", params["to"]) if "to" in params else now_ms + 1
+    from_ms = parse_time("from", params["from"]) if "from" in params else to_ms - 7 * 24 * 3_600_000
+    if from_ms >= to_ms:
+        raise BadRequest("from must be before to")
+    limit_text = params.get("limit", str(DEFAULT_LIMIT))
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
+        raise BadRequest(f"limit: {limit_text[:20]!r} is not a whole number from 1 to {MAX_LIMIT}")
+    return WindowQuery("", 0, from_ms, to_ms, int(limit_text))
+
+
+def alerts_answer(device: str, query: WindowQuery, rows: list[tuple[Any, ...]], source: str) -> dict[str, Any]:
+    """Rows are AlertRows (agents/alerts.py), newest first."""
+    from sinks.alerts import alert_document
+
+    more = len(rows) >= query.limit  # a page may hold more: every alert of its oldest instant
+    page = {"from": query.from_ms, "to": rows[-1][8] if rows else 0, "limit": query.limit}
+    return {
+        "device_id": device, "from": _iso(query.from_ms), "to": _iso(query.to_ms), "source": source,
+        "alerts": [alert_document(row) for row in rows],
+        "next": f"/devices/{quote(device, safe='')}/alerts?{urlencode(page)}" if more else None,
+    }  # fmt: skip
+
+
 def latest_answer(device: str, rows: list[tuple[str, float, int, int]], source: str) -> dict[str, Any]:
     metrics = {metric: {"value": value, "event_time": _iso(event_ms), "event_ms": event_ms, "source_offset": offset}
                for metric, value, event_ms, offset in sorted(rows)}  # fmt: skip

@@ -143,6 +143,33 @@ def _register_lookup(app: faust.App, ingest: Ingest, windows_table: Any, setting
         except SinkError as exc:
             return web.json({"error": f"ScyllaDB: {exc}"}, status=503)
 
+    async def alerts(web: Any, request: Any, device: str) -> Any:
+        query = lookup.alerts_query(dict(request.query), int(time.time() * 1000))
+        if scylla is not None:
+            rows = await scylla.read_alerts(device, query.from_ms, query.to_ms, query.limit)
+            if len(rows) == query.limit:  # the page's oldest instant in full: the next page starts before it
+                oldest, ids = rows[-1][8], {row[0] for row in rows}
+                rows += [r for r in await scylla.read_alerts(device, oldest, oldest + 1, lookup.MAX_LIMIT)
+                         if r[0] not in ids]  # fmt: skip
+        else:  # the table keeps an alert only until it is written; the alerts topic has them all
+            state = local_state(device)
+            if state is None:
+                return not_found(web, device)
+            rows = sorted((tuple(a) for a in state.pending_alerts if query.from_ms <= a[8] < query.to_ms),
+                          key=lambda a: (-a[8], a[0]))[: query.limit]  # fmt: skip
+        return web.json(lookup.alerts_answer(device, query, rows, source))
+
+    @app.page("/devices/{device}/alerts")
+    async def device_alerts(web: Any, request: Any, device: str) -> Any:
+        """A device's alerts, newest first, paged (ScyllaDB alerts_by_device)."""
+        try:
+            lookup.check_device(device, max_length)
+            return await alerts(web, request, device)
+        except lookup.BadRequest as exc:
+            return web.json({"error": str(exc)}, status=400)
+        except SinkError as exc:
+            return web.json({"error": f"ScyllaDB: {exc}"}, status=503)
+
     @app.page("/devices/{device}/latest")
     async def device_latest(web: Any, request: Any, device: str) -> Any:
         """The newest value of every metric of a device."""

@@ -107,6 +107,10 @@ SELECT_WINDOWS = (
     "FROM {keyspace}.window_aggregates WHERE device_id = ? AND metric = ? AND window_size_s = ? "
     "AND window_start >= ? AND window_start < ? LIMIT ?"
 )
+SELECT_ALERTS = (
+    "SELECT event_time, alert_id, rule, metric, state, value, threshold, window_start, source_offset "
+    "FROM {keyspace}.alerts_by_device WHERE device_id = ? AND event_time >= ? AND event_time < ? LIMIT ?"
+)
 WRITETIME_WINDOW = (
     "SELECT WRITETIME(count) FROM {keyspace}.window_aggregates "
     "WHERE device_id = ? AND metric = ? AND window_size_s = ? AND window_start = ?"
@@ -492,6 +496,12 @@ class ScyllaAggregateWriter:
         rows = await self._read("windows", SELECT_WINDOWS, params)
         return [(_millis(r.window_start), _millis(r.window_end), r.count, r.sum, r.min, r.max, r.last_value,
                  _millis(r.last_event_time)) for r in rows]  # fmt: skip
+
+    async def read_alerts(self, device: str, from_ms: int, to_ms: int, limit: int) -> list[tuple[Any, ...]]:
+        """Alerts as AlertRows (agents/alerts.py) with event time in [from_ms, to_ms), newest first."""
+        rows = await self._read("alerts", SELECT_ALERTS, (device, _datetime(from_ms), _datetime(to_ms), limit))
+        return [(r.alert_id, device, r.rule, r.metric, r.state, r.value, r.threshold, _millis(r.window_start),
+                 _millis(r.event_time), r.source_offset) for r in rows]  # fmt: skip
 
     async def close(self) -> None:
         cluster, self._cluster, self._session = self._cluster, None, None

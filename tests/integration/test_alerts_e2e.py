@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,18 @@ def test_a_spike_raises_and_clears_exactly_once(world: World, tmp_path: Path, cr
     assert {(r["device_id"], r["rule"], r["state"]) for r in rows} == {w[:3] for w in want}
     assert len(rows) == len(want)  # a repeat is the same row (same id), never a second alert
     assert {r["alert_id"] for r in rows} == {d["alert_id"] for d in docs}
+    # The lookup API answers them from ScyllaDB, newest first, one page at a time.
+    port, pages, path = world.workers[0].web_port, [], "/devices/press-1/alerts?from=0&limit=1"
+    while path:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            page = json.loads(response.read())
+        pages.append(page)
+        path = page["next"]
+    listed = [a for page in pages for a in page["alerts"]]
+    assert [(a["state"], _ms(a["window_start"])) for a in listed] == [
+        ("cleared", start_ms + 180_000),
+        ("raised", start_ms + 120_000),
+    ]
 
 
 def _ms(iso: str) -> int:
