@@ -23,7 +23,7 @@ from typing import Any
 from app.settings import KafkaSettings
 from app.tools.broker import EmbeddedBroker, LocalMosquitto, free_port, stop_process
 from app.tools.local import LocalWorker, metric_value, without_settings
-from app.tools.simulator import Simulator, ensure_topic, publish, publish_mqtt
+from app.tools.simulator import Simulator, ensure_topic, publish, publish_mqtt, send_paced
 
 TOPIC = "telemetry"
 EXAMPLE_QUERIES = {
@@ -32,6 +32,49 @@ EXAMPLE_QUERIES = {
     "hottest devices (max temperature)": "SELECT device_id, max(value) AS max_temp FROM {t} FINAL "
     "WHERE metric = 'temperature' GROUP BY device_id ORDER BY max_temp DESC LIMIT 3",
 }
+
+
+# The demo's alert rule, and a device that overheats for two minutes to set it off.
+DEMO_RULES = """rules:
+  - name: overheating
+    metric: temperature
+    above: 80
+    clear: 75
+"""
+SPIKE_DEVICE = "press-spike"
+SPIKE_MINUTES = [70.0, 72.0, 88.0, 91.0, 70.0, 71.0]  # per minute of event time
+
+
+def spike_messages(now_ms: int) -> list[tuple[bytes, bytes]]:
+    """A reading every 15 s for six minutes that ended ten minutes ago, then one now: every
+    window of the spike closes, so the rule raises and clears."""
+    import orjson
+
+    start = now_ms - now_ms % 60_000 - 16 * 60_000
+    docs = [{"device_id": SPIKE_DEVICE, "ts": start + minute * 60_000 + tick * 15_000, "factory": "demo",
+             "line": "press", "metrics": {"temperature": value + tick * 0.5}}
+            for minute, value in enumerate(SPIKE_MINUTES) for tick in range(4)]  # fmt: skip
+    docs.append({"device_id": SPIKE_DEVICE, "ts": now_ms - 1000, "metrics": {"temperature": 70.0}})
+    return [(SPIKE_DEVICE.encode(), orjson.dumps(doc)) for doc in docs]
+
+
+async def read_alerts(bootstrap: str, topic: str, wait_s: float) -> list[dict[str, Any]]:
+    """Every alert on the topic so far (the demo's topic is new)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    await consumer.start()
+    alerts: list[dict[str, Any]] = []
+    try:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                alerts += [json.loads(record.value) for record in batch]
+            if len(alerts) >= 2:
+                break
+    finally:
+        await consumer.stop()
+    return alerts
 
 
 class Demo:
@@ -60,7 +103,7 @@ class Demo:
             # The bundled broker reports end offsets right only for one record per batch,
             # and changelog recovery reads them.
             settings={"KAFKA__PRODUCER_MAX_BATCH_SIZE": "1", "KAFKA__CONSUMER_GROUP": "millstream",
-                      "KAFKA__DLQ_TOPIC": "telemetry-dlq"},
+                      "KAFKA__DLQ_TOPIC": "telemetry-dlq", "ALERTS__RULES_FILE": str(self._rules())},
         )  # fmt: skip
         self.say(
             f"starting a worker: raw rows to embedded ClickHouse at {self.chdb_path}, /metrics on :{worker.web_port}"
@@ -77,9 +120,16 @@ class Demo:
                 publish(kafka, simulator, messages=messages, rate=messages / self.duration, create_topic=False,
                         progress=self.say)
             )  # fmt: skip
+        spike = spike_messages(int(time.time() * 1000))
+        self.say(f"device {SPIKE_DEVICE} overheats for two minutes ({len(spike)} readings; rule: temperature above "
+                 "80, clear at 75)")  # fmt: skip
+        sent += asyncio.run(send_messages(kafka, spike))
         text = worker.wait_acked(sent, timeout=120, progress=self.say)
         self.say(f"all {sent} messages processed and acked")
         aggregates = json.loads(worker.get("/aggregates")[1])
+        api_path = f"/devices/{SPIKE_DEVICE}/windows?metric=temperature&size=60&limit=3"
+        api = json.loads(worker.get(api_path)[1])
+        alerts = asyncio.run(read_alerts(self.broker.bootstrap, "telemetry-alerts", 20))
         worker.stop()
         stored, examples = self._query()
         log = simulator.log
@@ -90,15 +140,23 @@ class Demo:
             "malformed_sent": log.malformed,
             "valid_readings": log.valid_readings,
             "late_readings": int(sum(1 for r in log.readings if r.late)),
-            "expected_rows": log.expected_rows,
+            "expected_rows": log.expected_rows + len(spike),
             "clickhouse_rows": stored,
+            "alerts": alerts,
+            "api_call": f"GET http://127.0.0.1:{worker.web_port}{api_path}",
+            "api_answer": api,
             "aggregates": aggregates["window_aggregates"],
             "aggregate_devices": aggregates["devices"],
             "aggregates_source": "worker tables; no ScyllaDB configured",
-            "lost": log.expected_rows - stored,
+            "lost": log.expected_rows + len(spike) - stored,
             "metrics_url": f"http://127.0.0.1:{worker.web_port}/metrics (while the demo ran)",
             "examples": examples,
         }
+
+    def _rules(self) -> Path:
+        path = self.workdir / "rules.yaml"
+        path.write_text(DEMO_RULES)
+        return path
 
     def _start_mqtt(self) -> str:
         """Mosquitto, then ``millstream bridge`` from it to the demo's Kafka; the MQTT URL."""
@@ -149,6 +207,19 @@ class Demo:
         self.broker.stop()
 
 
+async def send_messages(kafka: KafkaSettings, messages: list[tuple[bytes, bytes]]) -> int:
+    from aiokafka import AIOKafkaProducer
+
+    from app.kafka import kafka_client_options
+
+    producer = AIOKafkaProducer(acks="all", **kafka_client_options(kafka))
+    await producer.start()
+    try:
+        return await send_paced(producer, kafka.telemetry_topic, list(messages), rate=None)
+    finally:
+        await producer.stop()
+
+
 def _ready(port: int) -> bool:
     import urllib.request
 
@@ -193,6 +264,13 @@ def run_demo(duration: float, devices: int, as_json: bool, mqtt: bool = False) -
         print(f"\n{title}:")
         for row in rows:
             print("  " + "  ".join(cell.strip('"') for cell in row))
+    print("\nalerts (rule overheating: temperature above 80, clear at 75), from the alerts topic:")
+    for alert in summary["alerts"]:
+        print(f"  {alert['device_id']}  {alert['state']:8} window {alert['window_start']}  max {alert['value']}")
+    answer = summary["api_answer"]
+    print(f"\nthe lookup API: {summary['api_call']}")
+    for window in answer.get("windows", []):
+        print(f"  {window['start']}  count {window['count']}  max {window['max']}  mean {window['mean']:.2f}")
     if as_json:
-        print(json.dumps({k: v for k, v in summary.items() if k != "examples"}))
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("examples", "api_answer")}))
     return 0 if summary["lost"] == 0 else 1

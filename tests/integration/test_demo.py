@@ -22,9 +22,12 @@ def test_demo_reports_nothing_lost() -> None:
     assert summary["clickhouse_rows"] == summary["expected_rows"] > 0
     assert summary["dlq"] == summary["malformed_sent"]
     assert summary["processed"] == summary["produced"] - summary["malformed_sent"]
-    assert summary["aggregates"] > 0 and summary["aggregate_devices"] == 15
+    assert summary["aggregates"] > 0 and summary["aggregate_devices"] == 15 + 1  # and the overheating press
     assert "rows per metric:" in result.stdout
     assert "demo: all" in result.stderr  # progress was shown
+    spike = [(a["state"], a["window_start"][-13:]) for a in summary["alerts"] if a["device_id"] == "press-spike"]
+    assert [state for state, _ in spike] == ["raised", "cleared"], summary["alerts"]
+    assert "the lookup API: GET http" in result.stdout and "count 4  max 72.5" in result.stdout
 
 
 @pytest.mark.mqtt
