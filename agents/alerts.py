@@ -248,8 +248,11 @@ class AlertPolicy:
         return out
 
     @staticmethod
-    def replayed(state: DeviceState, offset: int) -> list[AlertRow]:
-        """The alerts a replayed message raised the first time (their write may not have happened)."""
+    def replayed(state: DeviceState, offset: int, written_through: int) -> list[AlertRow]:
+        """The alerts a replayed message raised the first time, unless this worker knows their
+        batch was written (after a restart it knows nothing, and sends them again)."""
+        if offset <= written_through:
+            return []
         return [tuple(alert) for alert in state.pending_alerts if alert[9] == offset]
 
     @staticmethod

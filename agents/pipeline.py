@@ -437,7 +437,8 @@ class Pipeline:
                 replayed = True
                 result.replayed += 1
                 if alerts is not None:
-                    result.alerts += alerts.replayed(state, message.offset)
+                    where = (message.topic, message.partition)
+                    result.alerts += alerts.replayed(state, message.offset, self.written.get(where, -1))
             _add_rows(result.rows, message, ingest)
         device = device_key.decode()
         self._collect(device, state, applied, result)
@@ -484,10 +485,15 @@ class Pipeline:
                 continue
             one = ApplyResult()
             rows: list[RawRow] = []
+            alerts: list[AlertRow] = []
             try:
                 self.windows.apply(state, message.readings, message.offset, one)
                 _add_rows(rows, message, ingest)
+                if self.alerts is not None and one.applied:  # judged before eviction can drop a closed window
+                    alerts = self._evaluate(device_key.decode(errors="replace"), state, [message])
                 self.windows.evict(state, written)
+                if self.alerts is not None:
+                    self.alerts.written(state, written)
                 after = self._dump(state)
             except Exception as exc:
                 state = DeviceState.loads(before)
@@ -502,20 +508,19 @@ class Pipeline:
                 before, changed = self._dump(state, limit=False), True
                 continue
             before, changed = after, True
+            result.alerts += alerts
             if not one.applied:
                 result.replayed += 1
+                if self.alerts is not None:
+                    result.alerts += self.alerts.replayed(state, message.offset, written)
             result.rows += rows
             applied.touched |= one.touched
             applied.latest_touched |= one.latest_touched
             applied.duplicates += one.duplicates
             for size, count in one.late.items():
                 applied.late[size] = applied.late.get(size, 0) + count
-        device = device_key.decode(errors="replace")
-        self._collect(device, state, applied, result)
-        if changed and self.alerts is not None and state.offset >= 0:
-            result.alerts += self._evaluate(device, state, messages)
-            result.state = self._dump(state, limit=False)
-        elif changed:
+        self._collect(device_key.decode(errors="replace"), state, applied, result)
+        if changed:
             result.state = before
         return result
 

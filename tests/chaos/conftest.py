@@ -15,8 +15,30 @@ import pytest
 
 from tests.chaos.report import DEFAULT_PATH, text_table
 from tests.support.audit import Audit
+from tests.support.world import World
 
 RESULTS: list[dict[str, Any]] = []
+
+# Every chaos scenario runs with alert rules that the simulator's traffic sets off dozens of
+# times (temperature hovers around 28.6, humidity dips below 45), so that the audit checks that
+# no failure loses, repeats or invents an alert (tests/support/oracle.py expected_alerts).
+CHAOS_RULES = """
+rules:
+  - name: warm
+    metric: temperature
+    above: 28.7
+    clear: 28.5
+  - name: dry
+    metric: humidity
+    below: 45
+    clear: 46
+    for_windows: 2
+"""
+
+
+@pytest.fixture(autouse=True)
+def _alert_rules(world: World) -> None:
+    world.rules = CHAOS_RULES
 
 
 @pytest.fixture

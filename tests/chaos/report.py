@@ -12,13 +12,14 @@ COLUMNS = (
     ("scenario", "scenario"), ("store", "store"), ("readings", "readings_produced"), ("valid", "valid_readings"),
     ("DLQ'd", "dlq_origins"), ("rows FINAL", "rows_final"), ("dup before FINAL", "duplicates_before_final"),
     ("dup after FINAL", "duplicates_after_final"), ("aggs checked", "aggregates_checked"),
-    ("aggs wrong", "aggregates_wrong"), ("latest wrong", "latest_wrong"), ("lost", "lost"),
+    ("aggs wrong", "aggregates_wrong"), ("latest wrong", "latest_wrong"), ("alerts", "alerts_expected"),
+    ("alerts wrong", "alerts_wrong"), ("lost", "lost"),
     ("restarts", "worker_restarts"), ("recovery s", "recovery_s"), ("ok", "ok"),
 )  # fmt: skip
 
 
 def rows(results: list[dict[str, Any]]) -> list[list[str]]:
-    return [[title for title, _ in COLUMNS]] + [[str(r[key]) for _, key in COLUMNS] for r in results]
+    return [[title for title, _ in COLUMNS]] + [[str(r.get(key, "-")) for _, key in COLUMNS] for r in results]
 
 
 def text_table(results: list[dict[str, Any]]) -> list[str]:

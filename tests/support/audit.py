@@ -19,7 +19,7 @@ from cassandra.policies import RoundRobinPolicy
 
 from app.tools.simulator import Outgoing, SimulationLog, Simulator, UnrulySimulator
 from tests.support.oracle import expected
-from tests.support.world import World, committed_total, produce, read_dlq
+from tests.support.world import World, committed_total, produce, read_dlq, read_topic
 
 MAX_RESTARTS = 5  # a scenario whose workers restart more often than this is crash-looping
 
@@ -96,6 +96,8 @@ class Audit:
     latest_wrong: int
     worker_restarts: int  # restarts the scenario did not cause (a worker exited on its own)
     recovery_s: float
+    alerts_expected: int = 0  # with alert rules (World.rules): worked out from the expected windows
+    alerts_wrong: int = 0  # expected but not in ScyllaDB, in ScyllaDB but not expected, or not in the topic
     details: dict[str, Any] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
 
@@ -110,6 +112,7 @@ class Audit:
             and self.dlq_origins == self.malformed_sent
             and self.dlq_without_reason == 0
             and self.worker_restarts == 0
+            and self.alerts_wrong == 0
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -177,6 +180,9 @@ def audit(world: World, log: SimulationLog, sent: int, *, scenario: str, recover
         details["bad_input_sent"] = dict(sorted(log.malformed_kinds.items()))
     if world.restarts:
         details["restart_exit_codes"] = [code for _, code, _ in world.restarts]
+    alerts_expected = alerts_wrong = 0
+    if world.rules is not None:
+        alerts_expected, alerts_wrong = audit_alerts(world, want, examples, details)
     return Audit(
         scenario=scenario,
         store=world.store,
@@ -200,6 +206,39 @@ def audit(world: World, log: SimulationLog, sent: int, *, scenario: str, recover
         latest_wrong=latest_wrong,
         worker_restarts=len(world.restarts),
         recovery_s=round(recovery_s, 1),
+        alerts_expected=alerts_expected,
+        alerts_wrong=alerts_wrong,
         details=details,
         examples=examples[:5],
     )
+
+
+def audit_alerts(world: World, want: Any, examples: list[str], details: dict[str, Any]) -> tuple[int, int]:
+    """Alerts in ScyllaDB against those worked out from the expected windows; every stored alert
+    in the topic too (a repeat there after a crash carries the same id, and counts once)."""
+    import json
+
+    from tests.support.oracle import expected_alerts
+
+    assert world.rules is not None
+    wanted = expected_alerts(want, world.rules)
+    rows = world.cql.rows(world.name, "alerts_by_device")
+    stored = {(r["device_id"], r["rule"], r["state"], _epoch_ms(r["window_start"])) for r in rows}
+    records = asyncio.run(read_topic(world.broker.bootstrap, world.alerts_topic, len(rows), wait_s=10))
+    topic_ids = [json.loads(r.value)["alert_id"] for r in records]
+    missing_in_topic = {r["alert_id"] for r in rows} - set(topic_ids)
+    wrong = len(wanted ^ stored) + len(rows) - len(stored) + len(missing_in_topic)
+    examples += [f"alert {a}: missing" for a in sorted(wanted - stored)[:3]]
+    examples += [f"alert {a}: unexpected" for a in sorted(stored - wanted)[:3]]
+    details["alerts"] = {"expected": len(wanted), "stored": len(rows), "topic_records": len(topic_ids),
+                         "topic_repeats": len(topic_ids) - len(set(topic_ids))}  # fmt: skip
+    return len(wanted), wrong
+
+
+def _epoch_ms(value: Any) -> int:
+    """A timestamp cell as the CQL server decodes it (a datetime, naive meaning UTC, or an int)."""
+    import calendar
+
+    if isinstance(value, int):
+        return value
+    return calendar.timegm(value.utctimetuple()) * 1000 + value.microsecond // 1000

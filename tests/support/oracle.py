@@ -46,6 +46,7 @@ class Expected:
     windows: dict[WindowId, Aggregate] = field(default_factory=dict)
     latest: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)
     rows: set[tuple[str, str, int]] = field(default_factory=set)
+    watermarks: dict[str, int] = field(default_factory=dict)  # newest event time applied, per device
 
 
 def expected(readings: Iterable[Sent], rules: WindowRules = WindowRules()) -> Expected:
@@ -85,4 +86,47 @@ def expected(readings: Iterable[Sent], rules: WindowRules = WindowRules()) -> Ex
                     out.latest[(device, metric)] = (value, at)
         newest[device] = max(watermark, at)
     out.windows = {k: (int(v[0]), v[1], v[2], v[3], v[4], int(v[5])) for k, v in windows.items()}
+    out.watermarks = newest
+    return out
+
+
+def expected_alerts(want: Expected, rules_yaml: str, grace_s: float = 60.0) -> set[tuple[str, str, str, int]]:
+    """(device, rule, raised|cleared, window start) that threshold rules raise on the expected
+    windows, worked out here from the rules' text (not with agents/alerts.py): a window counts
+    once closed (its end plus grace at or behind the device's newest reading), in start order;
+    beyond = max above (min below) the threshold; raise after for_windows beyond in a row; clear
+    at the first window at or past the clear level; windows without the metric change nothing."""
+    import fnmatch
+
+    import yaml
+
+    out: set[tuple[str, str, str, int]] = set()
+    by_series: dict[tuple[str, str, int], list[int]] = {}
+    for device, metric, size, start in want.windows:
+        by_series.setdefault((device, metric, size), []).append(start)
+    for rule in yaml.safe_load(rules_yaml)["rules"]:
+        above = "above" in rule
+        level = rule["above" if above else "below"]
+        clear, run_needed, size = rule.get("clear", level), rule.get("for_windows", 1), rule.get("window_s", 60)
+        for (device, metric, series_size), starts in by_series.items():
+            if metric != rule["metric"] or series_size != size:
+                continue
+            if rule.get("devices") and not any(fnmatch.fnmatchcase(device, p) for p in rule["devices"]):
+                continue
+            raised, run = False, 0
+            for start in sorted(starts):
+                if start + size * 1000 + grace_s * 1000 > want.watermarks[device]:
+                    break  # not closed yet
+                _count, _sum, low, high, _last, _ms = want.windows[(device, metric, size, start)]
+                value = high if above else low
+                if (value > level) if above else (value < level):
+                    run += 1
+                    if not raised and run >= run_needed:
+                        raised = True
+                        out.add((device, rule["name"], "raised", start))
+                else:
+                    run = 0
+                    if raised and ((value <= clear) if above else (value >= clear)):
+                        raised = False
+                        out.add((device, rule["name"], "cleared", start))
     return out

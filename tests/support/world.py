@@ -41,6 +41,8 @@ class World:
     workers: list[WorkerProcess] = field(default_factory=list)
     store: str = "rocksdb"  # what production runs (deploy/base/configmap.yaml); a test may say otherwise
     cql_options: dict[str, Any] = field(default_factory=dict)  # the audit's driver: TLS, login, if the server wants
+    # Alert rules (YAML) every worker runs with; the audit then checks the alerts (tests/chaos).
+    rules: str | None = None
     # Restarts the supervisor made because a worker exited on its own (a crash, a crash loop),
     # as Kubernetes would restart a pod: (worker, exit code, last log lines).
     restarts: list[tuple[int, int | None, str]] = field(default_factory=list)
@@ -100,6 +102,10 @@ class World:
                 "MILLSTREAM_PIPELINE__RETRY_BUDGET_S": "120",
             }
         )
+        if self.rules is not None:
+            path = self.workdir / "rules.yaml"
+            path.write_text(self.rules)
+            env["MILLSTREAM_ALERTS__RULES_FILE"] = str(path)
         env.update(overrides)
         return env
 

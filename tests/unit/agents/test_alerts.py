@@ -101,9 +101,10 @@ def test_alert_state_survives_the_changelog_and_replays_emit_the_same_alert() ->
     windows.apply(state, [Reading("d", T0 + 200_000, {"t": 10.0})], 2, ApplyResult())
     (alert,) = policy.evaluate("d", state, 2)
     again = DeviceState.loads(state.dumps())  # as a recovering worker reads it back
-    assert policy.replayed(again, 2) == [alert] and policy.evaluate("d", again, 2) == []
+    assert policy.replayed(again, 2, -1) == [alert] and policy.evaluate("d", again, 2) == []
+    assert policy.replayed(again, 2, 2) == []  # this worker wrote that batch itself
     policy.written(again, 2)
-    assert policy.replayed(again, 2) == [] and again.alerts == state.alerts
+    assert policy.replayed(again, 2, -1) == [] and again.alerts == state.alerts
 
 
 @pytest.mark.parametrize(

@@ -376,3 +376,33 @@ async def test_a_changelog_record_that_fails_fails_the_batch() -> None:
     acks.futures[1].set_result(None)
     with pytest.raises(ConnectionError):
         await asyncio.wait_for(task, 1)
+
+
+async def test_alerts_come_out_of_an_isolating_batch_and_once_again_on_replay() -> None:
+    """A batch with a message that raises goes message by message; the rules are judged after
+    each one, before eviction can drop a window that just closed, and a replay of the batch
+    sends the same alerts again (the first write may not have happened), never new ones."""
+    from agents.alerts import AlertPolicy, parse_rule
+
+    raw, agg = RecordingSink("clickhouse"), RecordingSink("scylla")
+    rule = parse_rule("rule 1", {"name": "hot", "metric": "t", "above": 80, "clear": 75}, [60, 3600])
+    pipeline = make(raw, agg, windows=Exploding([60, 3600], 60, 3), alerts=AlertPolicy([rule], 60))
+    minute = 60_000
+    start = T0 - T0 % minute - 20 * minute
+    batch = [good(0, start, t=90.0), good(1, start + minute, t=70.0), good(2, start + 2 * minute, t=5.0, boom=1.0),
+             good(3, start + 10 * minute, t=70.0)]  # fmt: skip
+    await pipeline.process(batch)
+    (first,) = [b for b in agg.writes if isinstance(b, AggregateBatch)]
+    assert [(a[4], a[7]) for a in first.alerts] == [("raised", start), ("cleared", start + minute)]
+
+    def same() -> list[SourceMessage]:
+        return [good(0, start, t=90.0), good(1, start + minute, t=70.0),
+                good(2, start + 2 * minute, t=5.0, boom=1.0), good(3, start + 10 * minute, t=70.0)]  # fmt: skip
+
+    # A worker restarted after a crash (its state from the changelog; it knows of no write) sends them again.
+    restarted = make(raw, agg, state=pipeline.state, windows=Exploding([60, 3600], 60, 3),
+                     alerts=AlertPolicy([rule], 60))  # fmt: skip
+    await restarted.process(same())
+    assert sorted([b for b in agg.writes if isinstance(b, AggregateBatch)][-1].alerts) == sorted(first.alerts)
+    await restarted.process(same())  # the worker that wrote them itself knows: nothing again
+    assert [b for b in agg.writes if isinstance(b, AggregateBatch)][-1].alerts == []
