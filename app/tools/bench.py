@@ -26,10 +26,12 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -56,10 +58,13 @@ GOALS: dict[str, tuple[str, float]] = {
     "scylla_cpu_us_per_row": ("<=", 30),
     "pipeline_vs_quix_ratio": (">=", 1.0),
     "batched_vs_quix_ratio": (">=", 1.0),
+    # issue 15: ingestion must not slow measurably while the lookup API is queried (noise: ~5 %)
+    "api_load_cpu_ratio": (">=", 0.9),
 }
 # Quix Streams derives its changelog topics' settings from the source topic's retention.ms,
 # which tansu describes only when the topic was created with it (7 days, Kafka's default).
 TOPIC_CONFIGS = {"retention.ms": "604800000"}
+API_QUERIES_PER_S = 50.0  # lookup API requests a second during the query-load point of the sweep
 SCALING_DEVICES = 20_000  # device_scaling_ratio: the rate here (or the largest point below) / the smallest point
 
 
@@ -91,6 +96,8 @@ class RateClock:
     rss: list[tuple[float, float]] = field(default_factory=list)  # (messages done, MiB)
     cpu_ready: float = math.nan  # the consumer process's CPU seconds (all threads) at ready
     cpu_done: float = math.nan
+    queries: int = 0  # lookup API requests answered while it ran (the query-load point)
+    query_errors: int = 0
 
     def rate(self) -> float:
         return self.total / (self.done - self.ready) if self.done > self.ready else math.nan
@@ -421,20 +428,43 @@ class Bench:
         worker.start()
         return worker
 
-    def _pipeline(self, phase: str, topic: str, total: int, **settings: str) -> tuple[RateClock, str, list[float]]:
+    def _pipeline(
+        self, phase: str, topic: str, total: int, query_devices: list[str] | None = None, **settings: str
+    ) -> tuple[RateClock, str, list[float]]:
+        """A worker from ready to every message acked; with ``query_devices``, a client queries the
+        lookup API about them at API_QUERIES_PER_S meanwhile."""
         worker = self._worker(phase, topic, **settings)
         clock = RateClock(total=total)
+        stop = threading.Event()
 
         def on_poll(now: float, acked: float) -> None:
             clock.rss.append((acked, rss_mb(worker.pid)))
 
+        def query() -> None:
+            rng, paths = random.Random(5), ("/latest", "/windows?metric=temperature&limit=100")
+            while True:
+                device = rng.choice(query_devices or ["none"])
+                status, _ = worker.get(f"/devices/{device}{rng.choice(paths)}")
+                if status in (200, 404):  # 404: a device whose first batch is not written yet
+                    clock.queries += 1
+                else:
+                    clock.query_errors += 1
+                if stop.wait(1 / API_QUERIES_PER_S):
+                    return
+
+        client = threading.Thread(target=query, daemon=True, name="bench-api-client")
         try:
             clock.ready = _wait_ready(lambda: worker.get("/readyz")[0] == 200, worker.check_alive, 300)
             clock.cpu_ready = cpu_seconds(worker.pid)
+            if query_devices:
+                client.start()
             text = worker.wait_acked(total, timeout=900, progress=self.say, on_poll=on_poll, interval=POLL_S)
             clock.done = time.monotonic()
             clock.cpu_done = cpu_seconds(worker.pid)
         finally:
+            stop.set()
+            if client.is_alive():
+                client.join(10)
             worker.stop()
         return clock, text, [mb for _done, mb in clock.rss]
 
@@ -501,6 +531,8 @@ class Bench:
         self.say(f"7/7 device sweep, ScyllaDB at {hosts}:{port}: {', '.join(f'{d:,}' for d in points)} devices, "
                  f"then {scaling:,} without ScyllaDB")  # fmt: skip
         rows = [self._sweep_point(devices, (hosts, port) if scylla else None) for devices, scylla in runs]
+        self.say(f"    again at {points[0]:,} devices while a client queries the lookup API at {API_QUERIES_PER_S:g}/s")
+        queried = self._sweep_point(points[0], (hosts, port), queried=True)
         on = {r["devices"]: r for r in rows if r["scylla"]}
         off = next(r for r in rows if not r["scylla"])
         low, high = on[points[0]], on[points[-1]]
@@ -517,32 +549,40 @@ class Bench:
                 (on[scaling]["cpu_us_per_msg"] - off["cpu_us_per_msg"]) / rows_at_scaling, 1
             ) if rows_at_scaling else 0.0,
             "memory_per_device_bytes": round(per_device),
+            # The same worker and data under lookup API queries, against without them (issue 15).
+            "api_query_point": queried,
+            "api_load_ratio": round(queried["msgs_per_s"] / low["msgs_per_s"], 3),
+            "api_load_cpu_ratio": round(low["cpu_us_per_msg"] / queried["cpu_us_per_msg"], 3),
         }  # fmt: skip
 
-    def _sweep_point(self, devices: int, scylla: tuple[str, int] | None) -> dict[str, Any]:
+    def _sweep_point(self, devices: int, scylla: tuple[str, int] | None, queried: bool = False) -> dict[str, Any]:
         """One worker reading single-reading messages of ``devices`` devices, with ScyllaDB at
-        ``scylla`` (hosts, port) or without it."""
+        ``scylla`` (hosts, port) or without it; ``queried``: under lookup API queries."""
         o = self.options
         count = max(o.sweep_messages, devices)
-        name = f"sweep-{devices}" + ("" if scylla is not None else "-noscylla")
+        name = f"sweep-{devices}" + ("" if scylla is not None else "-noscylla") + ("-api" if queried else "")
         topic = f"bench-{name}"
         asyncio.run(create_topics([topic], partitions=o.partitions, bootstrap_servers=self.broker.bootstrap))
         messages = _messages(BenchOptions(devices=devices, batch_size=1), batched=False, count=count, seed=4 + devices)
         asyncio.run(_produce(self.broker.bootstrap, topic, messages, None))
-        touched = len({key for key, _ in messages})
+        keys = sorted({key for key, _ in messages})
+        touched, sample = len(keys), [key.decode() for key in keys[:: max(1, len(keys) // 200)]]
         del messages
         settings = {"SCYLLA__ENABLED": "false"}
         if scylla is not None:
             hosts, port = scylla
             settings = {
                 "SCYLLA__ENABLED": "true", "SCYLLA__CONTACT_POINTS": hosts, "SCYLLA__PORT": str(port),
-                "SCYLLA__KEYSPACE": f"millstream_bench_{devices}", "SCYLLA__REPLICATION_CLASS": "SimpleStrategy",
+                # a keyspace per topic: write versions are per topic (docs/migrations.md)
+                "SCYLLA__KEYSPACE": f"millstream_bench_{devices}" + ("_api" if queried else ""),
+                "SCYLLA__REPLICATION_CLASS": "SimpleStrategy",
                 "SCYLLA__REPLICATION_FACTOR": "1", "SCYLLA__CONSISTENCY": "ONE",
             }  # fmt: skip
-        clock, text, rss = self._pipeline(name, topic, count, **settings)
+        clock, text, rss = self._pipeline(name, topic, count, sample if queried else None, **settings)
         row = {
             "devices": devices,
             "scylla": scylla is not None,
+            **({"api_queries_answered": clock.queries, "api_query_errors": clock.query_errors} if queried else {}),
             "messages": count,
             "devices_with_messages": touched,
             "msgs_per_s": round(clock.rate()),

@@ -63,3 +63,9 @@ def test_bench_prints_every_figure() -> None:
     for key in ("scylla_cpu_us_per_row", "memory_per_device_bytes", "device_scaling_cpu_ratio"):
         assert isinstance(figures[key], int | float) and math.isfinite(figures[key]), key
     assert "| devices | ScyllaDB |" in result.stdout  # the sweep table
+    # The 20-device point again while a client queries the lookup API: it answered, and the
+    # figures compare the two runs.
+    queried = figures["api_query_point"]
+    assert queried["devices"] == 20 and queried["api_queries_answered"] > 0 and queried["api_query_errors"] == 0
+    assert figures["api_load_ratio"] == pytest.approx(queried["msgs_per_s"] / few["msgs_per_s"], rel=0.01)
+    assert "api_load_cpu_ratio" in result.stdout
