@@ -485,16 +485,8 @@ class Pipeline:
                 continue
             one = ApplyResult()
             rows: list[RawRow] = []
-            alerts: list[AlertRow] = []
             try:
-                self.windows.apply(state, message.readings, message.offset, one)
-                _add_rows(rows, message, ingest)
-                if self.alerts is not None and one.applied:  # judged before eviction can drop a closed window
-                    alerts = self._evaluate(device_key.decode(errors="replace"), state, [message])
-                self.windows.evict(state, written)
-                if self.alerts is not None:
-                    self.alerts.written(state, written)
-                after = self._dump(state)
+                alerts, after = self._apply_one(device_key, state, message, one, rows, ingest, written)
             except Exception as exc:
                 state = DeviceState.loads(before)
                 if isinstance(exc, StateTooLarge):
@@ -523,6 +515,22 @@ class Pipeline:
         if changed:
             result.state = before
         return result
+
+    def _apply_one(
+        self, device_key: bytes, state: DeviceState, message: SourceMessage, one: ApplyResult, rows: list[RawRow],
+        ingest: int, written: int,
+    ) -> tuple[list[AlertRow], bytes]:  # fmt: skip
+        """One message of an isolating batch: applied, its alerts judged (before eviction can drop
+        a window that just closed), evicted; its alerts and the state dumped. May raise."""
+        alerts: list[AlertRow] = []
+        self.windows.apply(state, message.readings, message.offset, one)
+        _add_rows(rows, message, ingest)
+        if self.alerts is not None and one.applied:
+            alerts = self._evaluate(device_key.decode(errors="replace"), state, [message])
+        self.windows.evict(state, written)
+        if self.alerts is not None:
+            self.alerts.written(state, written)
+        return alerts, self._dump(state)
 
     def _dump(self, state: DeviceState, limit: bool = True) -> bytes:
         dumped = state.dumps()

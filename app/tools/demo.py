@@ -109,17 +109,7 @@ class Demo:
             f"starting a worker: raw rows to embedded ClickHouse at {self.chdb_path}, /metrics on :{worker.web_port}"
         )
         worker.start()
-        if self.mosquitto is not None:
-            url = self._start_mqtt()
-            self.say(f"publishing {messages} messages from {self.devices} devices over MQTT ({url}, QoS 1) "
-                     f"over ~{self.duration:.0f}s; the bridge forwards them to Kafka")  # fmt: skip
-            sent = publish_mqtt(url, simulator, messages=messages, rate=messages / self.duration, progress=self.say)
-        else:
-            self.say(f"publishing {messages} messages from {self.devices} devices over ~{self.duration:.0f}s")
-            sent = asyncio.run(
-                publish(kafka, simulator, messages=messages, rate=messages / self.duration, create_topic=False,
-                        progress=self.say)
-            )  # fmt: skip
+        sent = self._publish(kafka, simulator, messages)
         spike = spike_messages(int(time.time() * 1000))
         self.say(f"device {SPIKE_DEVICE} overheats for two minutes ({len(spike)} readings; rule: temperature above "
                  "80, clear at 75)")  # fmt: skip
@@ -127,9 +117,7 @@ class Demo:
         text = worker.wait_acked(sent, timeout=120, progress=self.say)
         self.say(f"all {sent} messages processed and acked")
         aggregates = json.loads(worker.get("/aggregates")[1])
-        api_path = f"/devices/{SPIKE_DEVICE}/windows?metric=temperature&size=60&limit=3"
-        api = json.loads(worker.get(api_path)[1])
-        alerts = asyncio.run(read_alerts(self.broker.bootstrap, "telemetry-alerts", 20))
+        api_path, api, alerts = self._alerts_and_api(worker)
         worker.stop()
         stored, examples = self._query()
         log = simulator.log
@@ -152,6 +140,25 @@ class Demo:
             "metrics_url": f"http://127.0.0.1:{worker.web_port}/metrics (while the demo ran)",
             "examples": examples,
         }
+
+    def _publish(self, kafka: KafkaSettings, simulator: Simulator, messages: int) -> int:
+        """The simulator's traffic, paced over the demo's duration, to Kafka or through MQTT."""
+        if self.mosquitto is not None:
+            url = self._start_mqtt()
+            self.say(f"publishing {messages} messages from {self.devices} devices over MQTT ({url}, QoS 1) "
+                     f"over ~{self.duration:.0f}s; the bridge forwards them to Kafka")  # fmt: skip
+            return publish_mqtt(url, simulator, messages=messages, rate=messages / self.duration, progress=self.say)
+        self.say(f"publishing {messages} messages from {self.devices} devices over ~{self.duration:.0f}s")
+        return asyncio.run(
+            publish(kafka, simulator, messages=messages, rate=messages / self.duration, create_topic=False,
+                    progress=self.say)
+        )  # fmt: skip
+
+    def _alerts_and_api(self, worker: LocalWorker) -> tuple[str, Any, list[dict[str, Any]]]:
+        """One lookup API call and its answer, and the alerts on the topic."""
+        api_path = f"/devices/{SPIKE_DEVICE}/windows?metric=temperature&size=60&limit=3"
+        api = json.loads(worker.get(api_path)[1])
+        return api_path, api, asyncio.run(read_alerts(self.broker.bootstrap, "telemetry-alerts", 20))
 
     def _rules(self) -> Path:
         path = self.workdir / "rules.yaml"
