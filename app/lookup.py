@@ -20,6 +20,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from models.times import iso_ms
+
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -40,11 +42,6 @@ class WindowQuery:
         params = {"metric": self.metric, "size": self.size_s, "from": self.from_ms, "to": oldest_start_ms,
                   "limit": self.limit}  # fmt: skip
         return f"/devices/{quote(device, safe='')}/windows?{urlencode(params)}"
-
-
-def _iso(millis: int) -> str:
-    stamp = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=millis)
-    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_time(name: str, text: str) -> int:
@@ -114,14 +111,14 @@ def alerts_answer(device: str, query: WindowQuery, rows: list[tuple[Any, ...]], 
     more = len(rows) >= query.limit  # a page may hold more: every alert of its oldest instant
     page = {"from": query.from_ms, "to": rows[-1][8] if rows else 0, "limit": query.limit}
     return {
-        "device_id": device, "from": _iso(query.from_ms), "to": _iso(query.to_ms), "source": source,
+        "device_id": device, "from": iso_ms(query.from_ms), "to": iso_ms(query.to_ms), "source": source,
         "alerts": [alert_document(row) for row in rows],
         "next": f"/devices/{quote(device, safe='')}/alerts?{urlencode(page)}" if more else None,
     }  # fmt: skip
 
 
 def latest_answer(device: str, rows: list[tuple[str, float, int, int]], source: str) -> dict[str, Any]:
-    metrics = {metric: {"value": value, "event_time": _iso(event_ms), "event_ms": event_ms, "source_offset": offset}
+    metrics = {metric: {"value": value, "event_time": iso_ms(event_ms), "event_ms": event_ms, "source_offset": offset}
                for metric, value, event_ms, offset in sorted(rows)}  # fmt: skip
     return {"device_id": device, "source": source, "metrics": metrics}
 
@@ -129,14 +126,14 @@ def latest_answer(device: str, rows: list[tuple[str, float, int, int]], source: 
 def windows_answer(device: str, query: WindowQuery, rows: list[tuple[Any, ...]], source: str) -> dict[str, Any]:
     """Rows are (start_ms, end_ms, count, sum, min, max, last, last_ms), newest first."""
     windows = [
-        {"start": _iso(start), "end": _iso(end), "count": count, "sum": total, "min": low, "max": high,
-         "mean": total / count if count else None, "last": last, "last_event_time": _iso(last_ms)}
+        {"start": iso_ms(start), "end": iso_ms(end), "count": count, "sum": total, "min": low, "max": high,
+         "mean": total / count if count else None, "last": last, "last_event_time": iso_ms(last_ms)}
         for start, end, count, total, low, high, last, last_ms in rows
     ]  # fmt: skip
     more = len(rows) == query.limit
     return {
-        "device_id": device, "metric": query.metric, "size_s": query.size_s, "from": _iso(query.from_ms),
-        "to": _iso(query.to_ms), "source": source, "windows": windows,
+        "device_id": device, "metric": query.metric, "size_s": query.size_s, "from": iso_ms(query.from_ms),
+        "to": iso_ms(query.to_ms), "source": source, "windows": windows,
         "next": query.next_page(device, rows[-1][0]) if more else None,
     }  # fmt: skip
 

@@ -6,27 +6,22 @@ deduplicate by it, as the ScyllaDB table ``alerts_by_device`` does by its key.""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
 from app import metrics
+from models.times import iso_ms
 
 AlertRows = list[tuple[str, str, str, str, str, float, float, int, int, int]]  # agents/alerts.py AlertRow
-
-
-def _iso(millis: int) -> str:
-    stamp = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=millis)
-    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def alert_document(alert: tuple[Any, ...]) -> dict[str, Any]:
     alert_id, device, rule, metric, state, value, threshold, start_ms, end_ms, offset = alert
     return {
         "alert_id": alert_id, "device_id": device, "rule": rule, "metric": metric, "state": state,
-        "value": value, "threshold": threshold, "window_start": _iso(start_ms), "window_end": _iso(end_ms),
-        "event_time": _iso(end_ms), "source_offset": offset,
+        "value": value, "threshold": threshold, "window_start": iso_ms(start_ms), "window_end": iso_ms(end_ms),
+        "event_time": iso_ms(end_ms), "source_offset": offset,
     }  # fmt: skip
 
 
