@@ -20,6 +20,7 @@ from agents.windows import WindowPolicy
 from app import faust_patches, monitor, web
 from app.kafka import iam_token_provider, kafka_client_options, ssl_context
 from app.registry import SchemaRegistry
+from app.rules import RulesReloader
 from app.settings import KafkaSettings, Settings
 from models.decode import Decoder
 from sinks.alerts import KafkaAlerts
@@ -159,8 +160,9 @@ def compose(app: faust.App, settings: Settings) -> Pipeline:
             schemas=registry.book if registry is not None else None,
         ),
         schemas=registry,
-        alerts=AlertPolicy(rules, windows.grace_s) if rules else None,
-        alert_sink=KafkaAlerts(alerts_topic) if rules else None,
+        # With a rules file, even an empty one: its rules may arrive by a reload (app/rules.py).
+        alerts=AlertPolicy(rules, windows.grace_s) if settings.alerts.rules_file else None,
+        alert_sink=KafkaAlerts(alerts_topic) if settings.alerts.rules_file else None,
         windows=WindowPolicy(windows.sizes_s, windows.grace_s, windows.retention_windows, windows.dedup_s),
         state=tables.windows,
         raw_sink=raw_writer(settings.clickhouse),
@@ -177,9 +179,22 @@ def compose(app: faust.App, settings: Settings) -> Pipeline:
     gate = OffsetGate(kafka.telemetry_topic, BrokerProbe(kafka_client_options(kafka)))
     gate.attach(app)  # before faust's fetcher starts (see agents/offsets.py)
     ingest = register_ingest(app, settings, source, pipeline, gate)
+    _reload_rules(app, settings, pipeline.alerts)
     monitor.register(app, settings, gate)
     web.register(app, ingest, tables.windows.table, settings)
     return pipeline
+
+
+def _reload_rules(app: faust.App, settings: Settings, policy: AlertPolicy | None) -> None:
+    """Check the rules file every MILLSTREAM_ALERTS__RELOAD_INTERVAL_S (app/rules.py)."""
+    interval, path = settings.alerts.reload_interval_s, settings.alerts.rules_file
+    if policy is None or path is None or not interval:
+        return
+    reloader = RulesReloader(path, settings.windows.sizes_s, policy)
+
+    @app.timer(interval, name="millstream.reload_rules")
+    async def reload_rules() -> None:
+        reloader.check()
 
 
 def produced_topics(app: faust.App, settings: Settings) -> list[str]:

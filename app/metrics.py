@@ -91,3 +91,7 @@ REGISTRY_SCHEMAS = Gauge("millstream_schema_registry_schemas", "Schemas cached f
 
 # Alerts sent to the alerts topic, by rule and state (raised, cleared); a replay may count one twice.
 ALERTS = Counter("millstream_alerts_total", "Alerts sent to the alerts topic", ["rule", "state"])
+ALERT_RULES = Gauge("millstream_alert_rules", "Alert rules in force (MILLSTREAM_ALERTS__RULES_FILE)")
+ALERT_RULES_RELOADS = Counter(
+    "millstream_alert_rules_reloads_total", "Changes of the rules file seen, by outcome (applied, refused)", ["outcome"]
+)

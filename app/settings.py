@@ -393,6 +393,11 @@ class AlertSettings(_Group):
         description="YAML file of threshold rules (README, Alerts); checked at start, a bad rule stops it. "
         "Unset: no alerts.",
     )
+    reload_interval_s: float = Field(
+        10.0, ge=0, le=3600,
+        description="How often the rules file is checked for a change; a changed file that parses applies "
+        "from the next batch, a bad one is logged and the rules in force stay. 0: never reloaded.",
+    )  # fmt: skip
 
 
 class RegistrySettings(_Group):
