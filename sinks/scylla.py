@@ -216,8 +216,8 @@ def classify(exc: BaseException) -> RetriableSinkError | FatalSinkError:
 
 
 _PACKERS: dict[str, Callable[[Any], bytes]] = {
-    "varchar": lambda v: v.encode("utf-8"),
-    "text": lambda v: v.encode("utf-8"),
+    "varchar": str.encode,  # UTF-8; anything but a str is a TypeError
+    "text": str.encode,
     "ascii": lambda v: v.encode("ascii"),
     "int": struct.Struct(">i").pack,
     "bigint": struct.Struct(">q").pack,
@@ -232,29 +232,84 @@ class RowEncoder:
     times cheaper: one ``struct`` packer per bound column, chosen from the column types the
     server returned when the statement was prepared (the driver's ``bind`` looks each type up
     and checks each value, per value, per row). A statement with another column type, or a row
-    with a null, goes through ``bind``. tests/unit/sinks/test_scylla_encoding.py checks that
-    both give the same bytes."""
+    with a null, goes through ``bind``. tests/integration/test_scylla_batches.py checks that
+    both give the same bytes, and that a batch built from :meth:`item` s is the batch the
+    driver builds from bound statements."""
 
     def __init__(self, prepared: Any) -> None:
         from cassandra.query import BoundStatement
 
         self.prepared = prepared
+        self.query_id = prepared.query_id
         self._bound_statement = BoundStatement
-        names = [getattr(column.type, "typename", "") for column in prepared.column_metadata]
+        meta = prepared.column_metadata
+        self.keyspace = meta[0].keyspace_name if meta else None
+        self.routing_indexes = list(prepared.routing_key_indexes or ())
+        names = [getattr(column.type, "typename", "") for column in meta]
         self.packers = [_PACKERS.get(name) for name in names]
         self.fast = all(packer is not None for packer in self.packers)
+        self.width = len(self.packers)
+        self._serialize = _serializer(self.packers) if self.fast else None
+
+    def item(self, values: tuple[Any, ...]) -> Any:
+        """``values`` serialized (a list of bytes, for :meth:`add_to` a batch), or a bound
+        statement from the driver's ``bind`` when the fast path does not apply."""
+        if self._serialize is None:
+            return self.prepared.bind(values)
+        try:
+            if len(values) != self.width:
+                raise ValueError(f"{len(values)} values for {self.width} columns")
+            return self._serialize(values)
+        except (struct.error, TypeError, ValueError, AttributeError, UnicodeError) as exc:
+            if None in values:  # a null (no packer takes None): the driver's bind knows them
+                return self.prepared.bind(values)
+            raise FatalSinkError(f"ScyllaDB row {values!r:.200} does not fit its columns: {exc}") from exc
 
     def bound(self, values: tuple[Any, ...]) -> Any:
         """A bound statement of ``values``, ready to execute or to add to a batch."""
-        if not self.fast or None in values:
-            return self.prepared.bind(values)
-        try:
-            serialized = [pack(value) for pack, value in zip(self.packers, values, strict=True)]  # type: ignore[misc]
-        except (struct.error, TypeError, ValueError, AttributeError, UnicodeError) as exc:
-            raise FatalSinkError(f"ScyllaDB row {values!r:.200} does not fit its columns: {exc}") from exc
+        return self.statement(self.item(values))
+
+    def statement(self, item: Any) -> Any:
+        """A bound statement of an :meth:`item`."""
+        if type(item) is not list:
+            return item
         statement = self._bound_statement(self.prepared)
-        statement.values = serialized
+        statement.values = item
         return statement
+
+    def add_to(self, batch: Any, item: Any) -> None:
+        """Add an :meth:`item` to a BatchStatement as ``batch.add(bound statement)`` would,
+        without building the statement: its query id and values, and the batch's routing (the
+        first row's partition key, for token-aware routing) if it has none yet."""
+        if type(item) is not list:
+            batch.add(item)
+            return
+        if batch.routing_key is None and self.keyspace and self.routing_indexes:
+            indexes = self.routing_indexes
+            if len(indexes) == 1:
+                batch.routing_key = item[indexes[0]]
+            else:
+                batch.routing_key = b"".join(_ROUTING_PART(len(item[i]), item[i]) for i in indexes)
+            batch.keyspace = self.keyspace
+        batch._add_statement_and_params(True, self.query_id, item)
+
+
+def _serializer(packers: list[Any]) -> Callable[[tuple[Any, ...]], list[bytes]]:
+    """``lambda v: [p0(v[0]), p1(v[1]), ...]`` for these packers, written out: a list display
+    of direct calls costs less than half of a comprehension over ``zip`` (0.9 against 2.1 µs for
+    a window row), and this runs once per aggregate row."""
+    names = [f"p{index}" for index in range(len(packers))]
+    source = (
+        f"def serialize(v, {', '.join(f'{name}={name}' for name in names)}):\n"
+        f"    return [{', '.join(f'{name}(v[{index}])' for index, name in enumerate(names))}]\n"
+    )
+    scope: dict[str, Any] = dict(zip(names, packers, strict=True))
+    exec(source, scope)  # noqa: S102 - generated from the column count only, no outside text
+    return scope["serialize"]  # type: ignore[no-any-return]
+
+
+def _ROUTING_PART(length: int, part: bytes) -> bytes:  # noqa: N802 - the driver's packing of a composite key part
+    return struct.pack(f">H{length}sB", length, part, 0)
 
 
 class ScyllaAggregateWriter:
@@ -274,6 +329,7 @@ class ScyllaAggregateWriter:
         self._upsert_latest: Any = None
         self._window_encoder: Any = None
         self._latest_encoder: Any = None
+        self._alert_encoder: Any = None
         self._writetime_window: Any = None
         self._writetime_latest: Any = None
         self._inflight = asyncio.Semaphore(settings.concurrency)
@@ -332,6 +388,7 @@ class ScyllaAggregateWriter:
             self._upsert_alert = await asyncio.to_thread(prepare, UPSERT_ALERT.format(keyspace=s.keyspace))
             self._window_encoder = RowEncoder(self._upsert_window)
             self._latest_encoder = RowEncoder(self._upsert_latest)
+            self._alert_encoder = RowEncoder(self._upsert_alert)
             self._writetime_window = await asyncio.to_thread(prepare, WRITETIME_WINDOW.format(keyspace=s.keyspace))
             self._writetime_latest = await asyncio.to_thread(prepare, WRITETIME_LATEST.format(keyspace=s.keyspace))
         except (RetriableSinkError, FatalSinkError):
@@ -392,37 +449,37 @@ class ScyllaAggregateWriter:
         from cassandra.query import BatchStatement, BatchType
 
         generation, limit = self.generation, self.settings.batch_rows
-        window, latest = self._window_encoder.bound, self._latest_encoder.bound
-        # (partition, bound statement); the partition of a window row is (device, metric, size),
-        # of a latest value the device.
-        rows: list[tuple[tuple[Any, ...], Any]] = [
-            ((r[0], r[1], r[2]), window((*r, write_version(generation, r[11])))) for r in batch.windows
+        window, latest, alert = self._window_encoder, self._latest_encoder, self._alert_encoder
+        # (partition, encoder, item); the partition of a window row is (device, metric, size),
+        # of a latest value the device (and of an alert the device).
+        rows: list[tuple[tuple[Any, ...], RowEncoder, Any]] = [
+            ((r[0], r[1], r[2]), window, window.item((*r, write_version(generation, r[11])))) for r in batch.windows
         ]
-        rows += [((r[0],), latest((*r, write_version(generation, r[4])))) for r in batch.latest]
-        alert = self._upsert_alert
-        rows += [((a[1],), alert.bind((a[1], a[8], a[0], a[2], a[3], a[4], a[5], a[6], a[7], a[9],
-                                       write_version(generation, a[9])))) for a in batch.alerts]  # fmt: skip
+        rows += [((r[0],), latest, latest.item((*r, write_version(generation, r[4])))) for r in batch.latest]
+        rows += [((a[1],), alert, alert.item((a[1], a[8], a[0], a[2], a[3], a[4], a[5], a[6], a[7], a[9],
+                                             write_version(generation, a[9])))) for a in batch.alerts]  # fmt: skip
         if limit == 1:
-            return [statement for _, statement in rows]
+            return [encoder.statement(item) for _, encoder, item in rows]
         rows.sort(key=lambda row: row[0])
         across = self.settings.batch_across_partitions
-        groups: list[list[Any]] = []
-        group: list[Any] = []
+        groups: list[list[tuple[tuple[Any, ...], RowEncoder, Any]]] = []
+        group: list[tuple[tuple[Any, ...], RowEncoder, Any]] = []
         partition: tuple[Any, ...] | None = None
-        for key, statement in rows:
-            if not group or len(group) >= limit or (not across and key != partition):
+        for row in rows:
+            if not group or len(group) >= limit or (not across and row[0] != partition):
                 group = []
                 groups.append(group)
-                partition = key
-            group.append(statement)
+                partition = row[0]
+            group.append(row)
         requests: list[Any] = []
         for group in groups:
             if len(group) == 1:
-                requests.append(group[0])
+                _, encoder, item = group[0]
+                requests.append(encoder.statement(item))
                 continue
             request = BatchStatement(batch_type=BatchType.UNLOGGED)
-            for statement in group:
-                request.add(statement)
+            for _, encoder, item in group:
+                encoder.add_to(request, item)
             requests.append(request)
         return requests
 

@@ -135,3 +135,25 @@ def test_a_row_with_a_null_goes_through_the_drivers_bind(writer: Writer) -> None
     row = ("dev", "m", None, START, 1, 1)
     bound = writer.writer._latest_encoder.bound(row)
     assert bound.values == writer.writer._upsert_latest.bind(row).values
+
+
+def test_a_batch_built_from_items_is_the_batch_the_driver_builds(writer: Writer) -> None:
+    """The writer adds serialized rows to a BatchStatement without building a bound statement
+    each (RowEncoder.add_to): the same statements, values and routing as batch.add() of the
+    driver's own bound statements, for window rows (a composite partition key) and latest
+    values (a single-column one)."""
+    from cassandra.query import BatchStatement, BatchType
+
+    w = writer.writer
+    cases = [
+        (w._window_encoder, w._upsert_window, [(*row, write_version(0, row[11])) for row in windows(3, 2, offset=5)]),
+        (w._latest_encoder, w._upsert_latest, [(*row, write_version(0, row[4])) for row in latest(3, 2, offset=5)]),
+    ]
+    for encoder, prepared, rows in cases:
+        ours, theirs = BatchStatement(batch_type=BatchType.UNLOGGED), BatchStatement(batch_type=BatchType.UNLOGGED)
+        for row in rows:
+            encoder.add_to(ours, encoder.item(row))
+            theirs.add(prepared.bind(row))
+        assert ours._statements_and_parameters == theirs._statements_and_parameters
+        assert ours.routing_key == theirs.routing_key is not None
+        assert ours.keyspace == theirs.keyspace == writer.keyspace
