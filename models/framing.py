@@ -48,6 +48,7 @@ class Schema:
     schema_id: int
     kind: str  # AVRO | JSON | PROTOBUF
     parsed: Any = None  # fastavro's parsed schema for AVRO
+    refused: str | None = None  # why its payloads are not read (an Avro schema a message could abuse)
 
 
 def schema_id_of(value: bytes) -> int | None:
@@ -63,8 +64,84 @@ def parse_schema(schema_id: int, kind: str, text: str) -> Schema:
     if kind == "AVRO":
         from fastavro import parse_schema as parse_avro
 
-        return Schema(schema_id, kind, parse_avro(orjson.loads(text)))
+        parsed = parse_avro(orjson.loads(text))
+        return Schema(schema_id, kind, parsed, avro_hazard(parsed))
     return Schema(schema_id, kind)
+
+
+# Avro types by the fewest bytes a value takes (logical types take their base type's).
+_PRIMITIVE_WIDTH = {"null": 0, "boolean": 1, "int": 1, "long": 1, "float": 4, "double": 8, "bytes": 1, "string": 1}
+
+
+def avro_hazard(schema: Any) -> str | None:
+    """Why a message could make fastavro's reader crash the worker or run without end under
+    this schema, or None. fastavro reads in C, recursing per level without a depth check: a
+    recursive schema lets a 10 KB message nest 10,000 levels deep and crash the process with a
+    segmentation fault (every worker that reads it, so the group would stop); an array of items
+    that take no bytes (null, an empty record, a fixed of size 0) lets a 10-byte message claim
+    billions of items. Both are found in the schema, once, so no message is read under it. A
+    schema nesting deeper than MAX_SCHEMA_DEPTH is refused too (documents nest at most
+    MAX_DOCUMENT_DEPTH levels; fastavro has crashed here at 10,000)."""
+    named: dict[str, Any] = {}  # named types seen: their schema, or their width once walked
+    try:
+        _width(schema, named, [], 0)
+    except _Hazard as hazard:
+        return str(hazard)
+    return None
+
+
+MAX_SCHEMA_DEPTH = 32
+
+
+class _Hazard(Exception):
+    pass
+
+
+def _width(schema: Any, named: dict[str, Any], path: list[str], depth: int) -> int:
+    """The fewest bytes a value of ``schema`` takes; raises _Hazard. ``path``: named types
+    being walked (a reference back to one of them is recursion)."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise _Hazard(f"nests deeper than {MAX_SCHEMA_DEPTH} levels")
+    if isinstance(schema, str):
+        if schema in _PRIMITIVE_WIDTH:
+            return _PRIMITIVE_WIDTH[schema]
+        if schema in path:
+            raise _Hazard(f"is recursive ({schema} contains itself): a small message could nest deep enough to "
+                          "crash the reader")  # fmt: skip
+        if schema not in named:
+            raise _Hazard(f"names an unknown type {schema!r}")
+        known = named[schema]
+        return known if isinstance(known, int) else _width(known, named, path, depth)
+    if isinstance(schema, list):  # a union: its branch index takes a byte at least
+        for branch in schema:
+            _width(branch, named, path, depth + 1)
+        return 1
+    if not isinstance(schema, dict):
+        raise _Hazard(f"has a type that is neither a name, a union nor a mapping: {str(schema)[:60]}")
+    kind = schema.get("type")
+    if kind in ("record", "error", "enum", "fixed"):
+        name = schema.get("name", "")
+        named.setdefault(name, schema)
+        if kind == "enum":
+            return 1
+        if kind == "fixed":
+            return int(schema.get("size", 0))
+        path.append(name)
+        try:
+            width = sum(_width(field["type"], named, path, depth + 1) for field in schema.get("fields", []))
+        finally:
+            path.pop()
+        named[name] = width  # walked once: a later reference takes its width
+        return width
+    if kind == "array":
+        if _width(schema["items"], named, path, depth + 1) == 0:
+            raise _Hazard("has an array of items that take no bytes (null, an empty record or fixed): a 10-byte "
+                          "message could claim billions of them")  # fmt: skip
+        return 1
+    if kind == "map":
+        _width(schema["values"], named, path, depth + 1)  # each entry's key takes a byte at least
+        return 1
+    return _width(kind, named, path, depth)  # a primitive with attributes (logical types), or a named one
 
 
 class SchemaBook:
@@ -124,6 +201,8 @@ def unframe(value: bytes, book: SchemaBook | None) -> Any:
             raise FramingError("schema_mismatch", f"schema id {schema_id} (JSON): {str(exc)[:100]}") from None
     if schema.kind != "AVRO":
         raise FramingError("unknown_schema", f"schema id {schema_id} is {schema.kind}, which millstream does not read")
+    if schema.refused is not None:
+        raise FramingError("schema_mismatch", f"schema id {schema_id} (Avro) is not read: it {schema.refused}")
     return _avro(schema, payload)
 
 

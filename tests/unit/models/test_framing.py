@@ -105,3 +105,79 @@ def test_avro_framing_changes_nothing_the_decoder_decides(device: str, readings:
     """Property: any batched message, Avro-framed, gets exactly the plain JSON outcome, accepted or rejected."""
     doc = {"device_id": device, "factory": "f", "line": "l", "readings": readings}
     assert decode(frame(AVRO_ID, avro(BATCHED_AVRO, doc))) == decode(orjson.dumps(doc))
+
+
+def _zigzag(n: int) -> bytes:
+    n, out = (n << 1) ^ (n >> 63), bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+RECURSIVE = {"type": "record", "name": "Node", "namespace": "plant",
+             "fields": [{"name": "next", "type": ["null", "plant.Node"]}]}  # fmt: skip
+NULL_ARRAY = {"type": "record", "name": "r", "fields": [{"name": "a", "type": {"type": "array", "items": "null"}}]}
+EMPTY_RECORDS = {"type": "record", "name": "r", "fields": [
+    {"name": "a", "type": {"type": "array", "items": {"type": "record", "name": "e", "fields": []}}}]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("schema", "payload", "said"),
+    [
+        # fastavro crashed the process (SIGSEGV) reading this 10 KB message: 10,000 levels deep.
+        (RECURSIVE, b"\x02" * 10_000 + b"\x00", "is recursive (plant.Node contains itself)"),
+        # ... and built a list of 2**40 Nones from these few bytes (without end, then out of memory).
+        (NULL_ARRAY, _zigzag(2**40) + b"\x00", "an array of items that take no bytes"),
+        (EMPTY_RECORDS, _zigzag(2**40) + b"\x00", "an array of items that take no bytes"),
+    ],
+)
+def test_a_schema_a_message_could_abuse_is_not_read(schema: dict[str, Any], payload: bytes, said: str) -> None:
+    """Regression (found reviewing the Avro path): such messages go to the DLQ with the reason,
+    and nothing of them reaches fastavro. The payload is run in a child process first, so that
+    if the guard ever went, the test would fail rather than crash pytest."""
+    import subprocess
+    import sys
+
+    schemas = book()
+    schemas.add(parse_schema(21, "AVRO", orjson.dumps(schema).decode()))
+    script = (
+        "import orjson, sys\n"
+        "from tests.unit.models.test_framing import decode, book\n"
+        "from models.framing import parse_schema\n"
+        "schemas = book()\n"
+        f"schemas.add(parse_schema(21, 'AVRO', {orjson.dumps(schema).decode()!r}))\n"
+        "print(decode(sys.stdin.buffer.read(), schemas))\n"
+    )  # fmt: skip
+    child = subprocess.run([sys.executable, "-c", script], input=frame(21, payload), capture_output=True, timeout=60)
+    assert child.returncode == 0, child.stderr.decode()[-500:]
+    result = decode(frame(21, payload), schemas)
+    assert isinstance(result, Rejection)
+    assert result.reason is RejectReason.SCHEMA_MISMATCH
+    assert said in result.detail and "schema id 21 (Avro) is not read" in result.detail
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        BATCHED_AVRO,
+        # a named type used twice, a map of nulls (every entry's key takes a byte), a timestamp
+        {"type": "record", "name": "r", "fields": [
+            {"name": "a", "type": {"type": "record", "name": "p", "fields": [{"name": "x", "type": "double"}]}},
+            {"name": "b", "type": "p"}, {"name": "m", "type": {"type": "map", "values": "null"}},
+            {"name": "t", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+            {"name": "s", "type": {"type": "array", "items": {"type": "record", "name": "q", "fields": [
+                {"name": "n", "type": "null"}, {"name": "v", "type": "int"}]}}}]},
+    ],
+)  # fmt: skip
+def test_ordinary_schemas_are_read(schema: dict[str, Any]) -> None:
+    assert parse_schema(22, "AVRO", orjson.dumps(schema).decode()).refused is None
+
+
+def test_a_schema_nesting_deeper_than_documents_can_is_refused() -> None:
+    schema: Any = "double"
+    for level in range(40):
+        schema = {"type": "record", "name": f"r{level}", "fields": [{"name": "f", "type": schema}]}
+    assert "nests deeper than" in (parse_schema(23, "AVRO", orjson.dumps(schema).decode()).refused or "")
