@@ -179,10 +179,10 @@ class _RawRows:
         from models.rows import RawBatch
 
         if self.registry is not None:
-            await self.registry.ensure(r.value or b"" for r in records)
+            await self.registry.ensure(r.value for r in records)
         now_ms, rows, rejected = int(time.time() * 1000), [], self.report.rejected
         for record in records:
-            result = self.decoder.decode(record.value or b"", timestamp_ms=record.timestamp, now_ms=now_ms)
+            result = self.decoder.decode(record.value, timestamp_ms=record.timestamp, now_ms=now_ms)
             if not isinstance(result, Rejection) and record.key != result[0].device_id.encode():
                 result = Rejection(RejectReason.KEY_MISMATCH, "message key is not the device_id")
             if isinstance(result, Rejection):

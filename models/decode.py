@@ -115,7 +115,7 @@ class Decoder:
         self.max_future_skew_ms = int(max_future_skew_s * 1000)
         self._known_names: set[str] = set()
 
-    def decode(self, value: bytes, *, timestamp_ms: int, now_ms: int) -> list[Reading] | Rejection:
+    def decode(self, value: bytes | None, *, timestamp_ms: int, now_ms: int) -> list[Reading] | Rejection:
         """Readings of one message, or why it was rejected. Never raises."""
         try:
             return self._decode(value, timestamp_ms, now_ms)
@@ -126,7 +126,9 @@ class Decoder:
         except OverflowError as exc:  # a number or date out of any range
             return Rejection(RejectReason.UNDECODABLE, f"OverflowError: {str(exc)[:120]}")
 
-    def _decode(self, value: bytes, timestamp_ms: int, now_ms: int) -> list[Reading]:
+    def _decode(self, value: bytes | None, timestamp_ms: int, now_ms: int) -> list[Reading]:
+        if value is None:  # a tombstone; its len() would raise, and the DLQ must take it too
+            raise _Reject(RejectReason.UNDECODABLE, "no value: the record is a tombstone (its value is null)")
         if len(value) > self.max_message_bytes:
             raise _Reject(RejectReason.TOO_LARGE, f"{len(value)} bytes > {self.max_message_bytes}")
         if value[:1] in (b"\x00", b"\x03"):  # no JSON text starts so: schema-registry framing

@@ -51,9 +51,9 @@ class Schema:
     refused: str | None = None  # why its payloads are not read (an Avro schema a message could abuse)
 
 
-def schema_id_of(value: bytes) -> int | None:
-    """The Confluent schema id of a framed payload, else None."""
-    if len(value) >= 5 and value[0] == CONFLUENT_MAGIC:
+def schema_id_of(value: bytes | None) -> int | None:
+    """The Confluent schema id of a framed payload, else None (also for a tombstone's None)."""
+    if value is not None and len(value) >= 5 and value[0] == CONFLUENT_MAGIC:
         return int(struct.unpack_from(">I", value, 1)[0])
     return None
 

@@ -68,7 +68,7 @@ class SourceMessage:
     partition: int
     offset: int
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a tombstone (rejected as undecodable, dead-lettered as it came)
     timestamp_ms: int
     readings: list[Reading] = field(default_factory=list)
     rejection: Rejection | None = None

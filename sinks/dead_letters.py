@@ -48,7 +48,8 @@ class KafkaDeadLetters:
 
     async def send(self, messages: list[SourceMessage]) -> None:
         """Returns when the broker has every one; raises for anything but a size refusal."""
-        pending = [(message, await self._send(message, len(message.value) > self.max_value_bytes))
+        # A tombstone (value None) goes as it came: a record with a null value.
+        pending = [(message, await self._send(message, len(message.value or b"") > self.max_value_bytes))
                    for message in messages]  # fmt: skip
         for message, delivery in pending:
             try:

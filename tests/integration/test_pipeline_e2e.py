@@ -127,3 +127,36 @@ def test_fatal_sink_error_crashes_the_worker_and_commits_nothing(world: World) -
     assert "UNKNOWN_USER" in worker.tail(200)
     assert asyncio.run(committed_total(world.broker.bootstrap, f"{world.name}-group", world.topic)) == 0
     assert not table_exists(world)  # the DDL was refused too: not a row went anywhere
+
+
+def test_records_without_a_value_go_to_the_dlq_and_the_rest_is_stored(world: World) -> None:
+    """Regression: a tombstone (a record whose value is null) made the worker raise when it
+    dead-lettered it (len(None)), before its offset was committed, so every worker that took
+    the partition crashed on the same record. Now it is rejected as undecodable and kept in
+    the DLQ as it came, between ordinary messages."""
+    from tests.support.world import read_topic
+
+    now = int(time.time() * 1000)
+    ok = [orjson_doc("press-1", now - 2000 + i, 20.0 + i) for i in range(2)]
+    # (aiokafka refuses a record with neither key nor value; Kafka would take it)
+    messages = [(b"press-1", ok[0]), (b"press-1", None), (b"press-2", None), (b"press-1", ok[1])]
+    worker = world.start_worker()
+    worker.wait_ready()
+    asyncio.run(produce(world.broker.bootstrap, world.topic, messages))  # type: ignore[arg-type]
+    deadline = time.monotonic() + 60
+    while asyncio.run(committed_total(world.broker.bootstrap, f"{world.name}-group", world.topic)) < len(messages):
+        assert time.monotonic() < deadline, f"not committed; worker log:\n{worker.tail()}"
+        time.sleep(0.2)
+    assert worker.proc.poll() is None and worker.starts == 1  # never crashed
+    dead = asyncio.run(read_topic(world.broker.bootstrap, world.dlq_topic, 2, wait_s=20))
+    assert sorted((r.key, r.value) for r in dead) == [(b"press-1", None), (b"press-2", None)]
+    assert {dict(r.headers)["millstream.reason"] for r in dead} == {b"undecodable"}
+    assert all(b"tombstone" in dict(r.headers)["millstream.detail"] for r in dead)
+    rows = world.clickhouse.query(f"SELECT count() FROM {world.database}.telemetry_raw FINAL")
+    assert int(rows) == 2
+
+
+def orjson_doc(device: str, at_ms: int, value: float) -> bytes:
+    import orjson
+
+    return orjson.dumps({"device_id": device, "ts": at_ms, "metrics": {"temperature": value}})

@@ -228,3 +228,10 @@ def test_arbitrary_json_never_raises(doc: object, device: str) -> None:
     if isinstance(result, list):
         for reading in result:
             assert reading.metrics and all(isinstance(v, float) for v in reading.metrics.values())
+
+
+def test_a_tombstone_is_rejected_not_raised() -> None:
+    """Regression: a record whose value is null (a Kafka tombstone) raised TypeError here."""
+    result = Decoder().decode(None, timestamp_ms=1_763_000_000_000, now_ms=1_763_000_000_000)
+    assert isinstance(result, Rejection) and result.reason is RejectReason.UNDECODABLE
+    assert "tombstone" in result.detail
