@@ -63,9 +63,17 @@ def test_bench_prints_every_figure() -> None:
     for key in ("scylla_cpu_us_per_row", "memory_per_device_bytes", "device_scaling_cpu_ratio"):
         assert isinstance(figures[key], int | float) and math.isfinite(figures[key]), key
     assert "| devices | ScyllaDB |" in result.stdout  # the sweep table
-    # The 20-device point again while a client queries the lookup API: it answered, and the
-    # figures compare the two runs.
-    queried = figures["api_query_point"]
-    assert queried["devices"] == 20 and queried["api_queries_answered"] > 0 and queried["api_query_errors"] == 0
-    assert figures["api_load_ratio"] == pytest.approx(queried["msgs_per_s"] / few["msgs_per_s"], rel=0.01)
-    assert "api_load_cpu_ratio" in result.stdout
+    # The 20-device point again, under lookup API queries, without, under (A-B-A-B): the client
+    # was answered, and the figures compare the sums; the idle worker's CPU per query was measured.
+    queried, plain, queried_again = figures["api_query_points"]
+    for point in (queried, queried_again):
+        assert point["devices"] == 20 and point["api_queries_answered"] > 0 and point["api_query_errors"] == 0
+        assert point["api_cpu_us_per_query"] > 0
+    assert plain["devices"] == 20 and "api_queries_answered" not in plain
+    assert figures["api_load_ratio"] == pytest.approx(
+        (queried["msgs_per_s"] + queried_again["msgs_per_s"]) / (few["msgs_per_s"] + plain["msgs_per_s"]), rel=0.01
+    )
+    assert figures["api_cpu_share"] == pytest.approx(
+        figures["api_cpu_us_per_query"] * 50 / (few["cpu_us_per_msg"] * few["msgs_per_s"]), rel=0.05
+    )
+    assert "api_load_cpu_ratio" in result.stdout and "api_cpu_share" in result.stdout
