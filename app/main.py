@@ -153,12 +153,7 @@ def compose(app: faust.App, settings: Settings) -> Pipeline:
     # Schema-registry framed payloads: their schemas are fetched before a batch is decoded.
     registry = SchemaRegistry(settings.registry) if settings.registry.url else None
     pipeline = Pipeline(
-        decoder=Decoder(
-            max_message_bytes=limits.max_message_bytes, max_readings_per_message=limits.max_readings_per_message,
-            max_device_id_length=limits.max_device_id_length, max_future_skew_s=limits.max_future_skew_s,
-            max_metrics_per_reading=limits.max_metrics_per_reading,
-            schemas=registry.book if registry is not None else None,
-        ),
+        decoder=Decoder.from_limits(limits, registry.book if registry is not None else None),
         schemas=registry,
         # With a rules file, even an empty one: its rules may arrive by a reload (app/rules.py).
         alerts=AlertPolicy(rules, windows.grace_s) if settings.alerts.rules_file else None,
@@ -192,7 +187,7 @@ def _reload_rules(app: faust.App, settings: Settings, policy: AlertPolicy | None
         return
     reloader = RulesReloader(path, settings.windows.sizes_s, policy)
 
-    @app.timer(interval, name="millstream.reload_rules")
+    @app.timer(interval, name="millstream.reload_rules")  # type: ignore[untyped-decorator]
     async def reload_rules() -> None:
         reloader.check()
 

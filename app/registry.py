@@ -82,7 +82,7 @@ class SchemaRegistry:
         self.book.add(schema)
         metrics.REGISTRY_SCHEMAS.set(len(self.book))
 
-    async def ensure(self, values: Iterable[bytes]) -> None:
+    async def ensure(self, values: Iterable[bytes | None]) -> None:
         """Every schema these payloads name is in the book (or known to be unknown); waits out
         an unreachable registry."""
         wanted = {i for i in map(schema_id_of, values) if i is not None and self.book.needs(i)}

@@ -156,12 +156,7 @@ class _RawRows:
         limits = settings.limits
         self.report = report
         self.registry = SchemaRegistry(settings.registry) if settings.registry.url else None
-        self.decoder = Decoder(
-            max_message_bytes=limits.max_message_bytes, max_readings_per_message=limits.max_readings_per_message,
-            max_device_id_length=limits.max_device_id_length, max_future_skew_s=limits.max_future_skew_s,
-            max_metrics_per_reading=limits.max_metrics_per_reading,
-            schemas=self.registry.book if self.registry else None,
-        )  # fmt: skip
+        self.decoder = Decoder.from_limits(limits, self.registry.book if self.registry else None)
         self.writer = raw_writer(settings.clickhouse)
         self.retry = RetryPolicy(budget_s=settings.pipeline.retry_budget_s)
 

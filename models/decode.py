@@ -26,16 +26,15 @@ sums stay finite.
 
 from __future__ import annotations
 
-import calendar
 import math
 import re
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
 from models.framing import FramingError, SchemaBook, unframe
 from models.records import Reading, Rejection, RejectReason
+from models.times import NoTimeZone, ms_of_iso
 
 METADATA_FIELDS = frozenset(
     {
@@ -50,8 +49,6 @@ MIN_EVENT_MS = 946_684_800_000  # 2000-01-01: older stamps are clock resets, not
 KNOWN_NAMES_MAX = 10_000  # valid metric names remembered, so each is matched once
 EPOCH_MS_THRESHOLD = 100_000_000_000  # above: milliseconds; below: seconds (until year 5138)
 MAX_ABS_VALUE = 1e100  # larger magnitudes are not measurements, and their sums could overflow
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MILLISECOND = timedelta(milliseconds=1)
 
 
 class _Reject(Exception):
@@ -74,18 +71,11 @@ def parse_time_ms(value: Any) -> int:
         millis = int(value) if abs(value) >= EPOCH_MS_THRESHOLD else round(value * 1000)
     elif isinstance(value, str):
         try:
-            stamp = datetime.fromisoformat(value.replace("Z", "+00:00", 1) if value.endswith("Z") else value)
+            millis = ms_of_iso(value)
+        except NoTimeZone:
+            raise _Reject(RejectReason.BAD_TIMESTAMP, f"timestamp without time zone {_short(value)}") from None
         except ValueError:
             raise _Reject(RejectReason.BAD_TIMESTAMP, f"unparseable timestamp {_short(value)}") from None
-        if stamp.tzinfo is None:
-            raise _Reject(RejectReason.BAD_TIMESTAMP, f"timestamp without time zone {_short(value)}")
-        # Timedelta arithmetic: exact to the microsecond, and defined for every year from 1 to
-        # 9999 with any offset (the UTC time tuple of 0001-01-01T00:00+01:00 is out of range).
-        # The common "Z" stamp takes the quicker integer route.
-        if stamp.utcoffset() == timedelta(0) and 1 < stamp.year < 9999:
-            millis = calendar.timegm(stamp.utctimetuple()) * 1000 + stamp.microsecond // 1000
-        else:
-            millis = (stamp - _EPOCH) // _MILLISECOND
     else:
         raise _Reject(RejectReason.BAD_TIMESTAMP, f"timestamp of type {type(value).__name__}")
     if millis < MIN_EVENT_MS:
@@ -114,6 +104,16 @@ class Decoder:
         self.max_device_id_length = max_device_id_length
         self.max_future_skew_ms = int(max_future_skew_s * 1000)
         self._known_names: set[str] = set()
+
+    @classmethod
+    def from_limits(cls, limits: Any, schemas: SchemaBook | None = None) -> Decoder:
+        """A decoder with MILLSTREAM_LIMITS__* (app/settings.py LimitSettings), as the worker and
+        ``millstream replay`` decode."""
+        return cls(
+            max_message_bytes=limits.max_message_bytes, max_readings_per_message=limits.max_readings_per_message,
+            max_device_id_length=limits.max_device_id_length, max_future_skew_s=limits.max_future_skew_s,
+            max_metrics_per_reading=limits.max_metrics_per_reading, schemas=schemas,
+        )  # fmt: skip
 
     def decode(self, value: bytes | None, *, timestamp_ms: int, now_ms: int) -> list[Reading] | Rejection:
         """Readings of one message, or why it was rejected. Never raises."""

@@ -9,11 +9,18 @@ fields instead of dividing timedeltas (about 1 µs each instead of 6.6 and 2.8).
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import calendar
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 _EPOCH = datetime(1970, 1, 1)
+_EPOCH_UTC = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
 DAY_MS = 86_400_000
+
+
+class NoTimeZone(ValueError):
+    """ISO-8601 text without a zone: millstream does not guess one."""
 
 
 @lru_cache(maxsize=4096)
@@ -40,3 +47,19 @@ def millis_of(value: datetime | None) -> int:
         value = value.replace(tzinfo=None) - value.utcoffset()  # type: ignore[operator]
     delta = value - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+def ms_of_iso(text: str) -> int:
+    """Epoch milliseconds of ISO-8601 text with a zone (``Z`` or an offset), floored to the
+    millisecond; raises NoTimeZone without a zone, ValueError for text that is not ISO-8601,
+    OverflowError outside years 1-9999 once the offset is applied. One parser for readings'
+    timestamps, the lookup API's ``from``/``to`` and ``millstream replay --from/--to``."""
+    stamp = datetime.fromisoformat(text.replace("Z", "+00:00", 1) if text.endswith("Z") else text)
+    if stamp.tzinfo is None:
+        raise NoTimeZone(text)
+    # Timedelta arithmetic: exact to the microsecond, and defined for every year from 1 to
+    # 9999 with any offset (the UTC time tuple of 0001-01-01T00:00+01:00 is out of range).
+    # The common "Z" stamp takes the quicker integer route.
+    if stamp.utcoffset() == timedelta(0) and 1 < stamp.year < 9999:
+        return calendar.timegm(stamp.utctimetuple()) * 1000 + stamp.microsecond // 1000
+    return (stamp - _EPOCH_UTC) // _MILLISECOND

@@ -58,7 +58,7 @@ class KafkaDeadLetters:
                 if not is_too_large(exc):
                     raise
                 log.warning("DLQ refused %d bytes from %s/%s@%s as too large; sending its first %d bytes",
-                            len(message.value), message.topic, message.partition, message.offset,
+                            len(message.value or b""), message.topic, message.partition, message.offset,
                             TRUNCATED_BYTES)  # fmt: skip
                 await (await self._send(message, truncate=True))
 
@@ -72,7 +72,7 @@ class KafkaDeadLetters:
             "millstream.source.offset": str(message.offset).encode(),
         }
         key, value = message.key, message.value
-        if truncate:
+        if truncate and value is not None:
             headers["millstream.truncated"] = str(len(value)).encode()
             headers["millstream.sha256"] = hashlib.sha256(value).hexdigest().encode()
             key, value = (key[:TRUNCATED_KEY_BYTES] if key is not None else None), value[:TRUNCATED_BYTES]

@@ -304,11 +304,11 @@ def _serializer(packers: list[Any]) -> Callable[[tuple[Any, ...]], list[bytes]]:
         f"    return [{', '.join(f'{name}(v[{index}])' for index, name in enumerate(names))}]\n"
     )
     scope: dict[str, Any] = dict(zip(names, packers, strict=True))
-    exec(source, scope)  # noqa: S102 - generated from the column count only, no outside text
+    exec(source, scope)
     return scope["serialize"]  # type: ignore[no-any-return]
 
 
-def _ROUTING_PART(length: int, part: bytes) -> bytes:  # noqa: N802 - the driver's packing of a composite key part
+def _ROUTING_PART(length: int, part: bytes) -> bytes:
     return struct.pack(f">H{length}sB", length, part, 0)
 
 
@@ -556,14 +556,18 @@ class ScyllaAggregateWriter:
         [from_ms, to_ms), newest first, at most ``limit``."""
         params = (device, metric, size_s, _datetime(from_ms), _datetime(to_ms), limit)
         rows = await self._read("windows", SELECT_WINDOWS, params)
-        return [(millis_of(start), millis_of(end), count, total, low, high, last, millis_of(last_time))
-                for start, end, count, total, low, high, last, last_time in rows]
+        return [
+            (millis_of(start), millis_of(end), count, total, low, high, last, millis_of(last_time))
+            for start, end, count, total, low, high, last, last_time in rows
+        ]
 
     async def read_alerts(self, device: str, from_ms: int, to_ms: int, limit: int) -> list[tuple[Any, ...]]:
         """Alerts as AlertRows (agents/alerts.py) with event time in [from_ms, to_ms), newest first."""
         rows = await self._read("alerts", SELECT_ALERTS, (device, _datetime(from_ms), _datetime(to_ms), limit))
-        return [(alert_id, device, rule, metric, state, value, threshold, millis_of(start), millis_of(event_time),
-                 offset) for event_time, alert_id, rule, metric, state, value, threshold, start, offset in rows]  # fmt: skip
+        return [
+            (alert_id, device, rule, metric, state, value, threshold, millis_of(start), millis_of(event_time), offset)
+            for event_time, alert_id, rule, metric, state, value, threshold, start, offset in rows
+        ]
 
     async def close(self) -> None:
         cluster, self._cluster, self._session = self._cluster, None, None

@@ -541,7 +541,7 @@ class Bench:
         rows = [self._sweep_point(devices, (hosts, port) if scylla else None) for devices, scylla in runs]
         # Runs of one point differ by more than the queries cost (a fifth on this machine), so
         # with and without queries alternate, twice, and the ratios compare the sums.
-        self.say(f"    {points[0]:,} devices again: under lookup API queries at {API_QUERIES_PER_S:g}/s, without, under")
+        self.say(f"    {points[0]:,} devices again: under {API_QUERIES_PER_S:g} lookup API queries/s, without, under")
         queried = self._sweep_point(points[0], (hosts, port), queried=True)
         plain_again = self._sweep_point(points[0], (hosts, port), round_=2)
         queried_again = self._sweep_point(points[0], (hosts, port), queried=True, round_=2)
@@ -551,6 +551,7 @@ class Bench:
         grown_bytes = (high["rss_peak_mb"] - low["rss_peak_mb"]) * 1024 * 1024
         per_device = grown_bytes / max(high["devices_with_messages"] - low["devices_with_messages"], 1)
         rows_at_scaling = on[scaling]["aggregate_rows_per_msg"]
+        per_query = (queried["api_cpu_us_per_query"] + queried_again["api_cpu_us_per_query"]) / 2
         return {
             "device_sweep": rows,
             "device_scaling_ratio": round(on[scaling]["msgs_per_s"] / low["msgs_per_s"], 3),
@@ -564,7 +565,8 @@ class Bench:
             # The same worker and data under lookup API queries, against without them (issue 15).
             "api_query_points": [queried, plain_again, queried_again],
             "api_load_ratio": round(
-                (queried["msgs_per_s"] + queried_again["msgs_per_s"]) / (low["msgs_per_s"] + plain_again["msgs_per_s"]), 3
+                (queried["msgs_per_s"] + queried_again["msgs_per_s"])
+                / (low["msgs_per_s"] + plain_again["msgs_per_s"]), 3
             ),
             "api_load_cpu_ratio": round(
                 (low["cpu_us_per_msg"] + plain_again["cpu_us_per_msg"])
@@ -572,9 +574,9 @@ class Bench:
             ),
             # The same from the cost of one query on the idle worker: the share of the worker's
             # ingestion CPU (without queries) that API_QUERIES_PER_S queries would take.
-            "api_cpu_us_per_query": round((queried["api_cpu_us_per_query"] + queried_again["api_cpu_us_per_query"]) / 2),
+            "api_cpu_us_per_query": round(per_query),
             "api_cpu_share": round(
-                (queried["api_cpu_us_per_query"] + queried_again["api_cpu_us_per_query"]) / 2 * API_QUERIES_PER_S
+                per_query * API_QUERIES_PER_S
                 / (low["cpu_us_per_msg"] * low["msgs_per_s"]), 3
             ),
         }  # fmt: skip
@@ -607,11 +609,15 @@ class Bench:
                 "SCYLLA__REPLICATION_FACTOR": "1", "SCYLLA__CONSISTENCY": "ONE",
             }  # fmt: skip
         clock, text, rss = self._pipeline(name, topic, count, sample if queried else None, **settings)
+        query_figures = {
+            "api_queries_answered": clock.queries,
+            "api_query_errors": clock.query_errors,
+            "api_cpu_us_per_query": round(clock.query_cpu_us) if queried else 0,
+        }
         row = {
             "devices": devices,
             "scylla": scylla is not None,
-            **({"api_queries_answered": clock.queries, "api_query_errors": clock.query_errors,
-                "api_cpu_us_per_query": round(clock.query_cpu_us)} if queried else {}),  # fmt: skip
+            **(query_figures if queried else {}),
             "messages": count,
             "devices_with_messages": touched,
             "msgs_per_s": round(clock.rate()),

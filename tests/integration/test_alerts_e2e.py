@@ -152,7 +152,8 @@ def test_rules_reloaded_while_the_worker_runs(world: World, tmp_path: Path) -> N
         time.sleep(0.5)
     want = expected(start_ms)
     records = asyncio.run(read_topic(world.broker.bootstrap, world.alerts_topic, len(want), wait_s=20))
-    got = {(d["device_id"], d["rule"], d["state"], _ms(d["window_start"])) for d in map(json.loads, (r.value for r in records))}
+    docs = [json.loads(r.value) for r in records]
+    got = {(d["device_id"], d["rule"], d["state"], _ms(d["window_start"])) for d in docs}
     assert got == want
     assert len(records) == len(want)
     assert 'millstream_alert_rules_reloads_total{outcome="applied"} 1.0' in worker.metrics()

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models.times import iso_ms, millis_of
+from models.times import NoTimeZone, iso_ms, millis_of, ms_of_iso
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 LOWEST = (datetime(1, 1, 1, tzinfo=UTC) - EPOCH) // timedelta(milliseconds=1)
@@ -55,3 +55,25 @@ def test_millis_of_aware(value: datetime, offset_min: int) -> None:
 
 def test_millis_of_none_is_zero() -> None:
     assert millis_of(None) == 0
+
+
+@given(
+    st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)),
+    st.integers(-14 * 60, 14 * 60),
+    st.sampled_from(["auto", "milliseconds", "microseconds", "seconds"]),
+)
+def test_ms_of_iso_is_the_exact_floor_of_any_iso_text_with_a_zone(value: datetime, offset_min: int, spec: str) -> None:
+    aware = value.replace(tzinfo=timezone(timedelta(minutes=offset_min)))
+    text = aware.isoformat(timespec=spec)
+    if offset_min == 0 and spec != "auto":
+        text = text.replace("+00:00", "Z")
+    expected = (datetime.fromisoformat(text.replace("Z", "+00:00")) - EPOCH) // timedelta(milliseconds=1)
+    assert ms_of_iso(text) == expected
+
+
+def test_ms_of_iso_refuses_text_without_a_zone_or_not_iso() -> None:
+    with pytest.raises(NoTimeZone):
+        ms_of_iso("2026-12-03T08:00:00")
+    for text in ("yesterday", "2026-13-01T00:00:00Z", ""):
+        with pytest.raises(ValueError):
+            ms_of_iso(text)
