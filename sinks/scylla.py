@@ -289,7 +289,7 @@ class RowEncoder:
             if len(indexes) == 1:
                 batch.routing_key = item[indexes[0]]
             else:
-                batch.routing_key = b"".join(_ROUTING_PART(len(item[i]), item[i]) for i in indexes)
+                batch.routing_key = b"".join(_routing_part(len(item[i]), item[i]) for i in indexes)
             batch.keyspace = self.keyspace
         batch._add_statement_and_params(True, self.query_id, item)
 
@@ -308,7 +308,7 @@ def _serializer(packers: list[Any]) -> Callable[[tuple[Any, ...]], list[bytes]]:
     return scope["serialize"]  # type: ignore[no-any-return]
 
 
-def _ROUTING_PART(length: int, part: bytes) -> bytes:
+def _routing_part(length: int, part: bytes) -> bytes:
     return struct.pack(f">H{length}sB", length, part, 0)
 
 
