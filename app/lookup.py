@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from models.decode import device_id_problem
 from models.times import NoTimeZone, iso_ms, ms_of_iso
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
-CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class BadRequest(ValueError):
@@ -56,12 +56,10 @@ def parse_time(name: str, text: str) -> int:
 
 
 def check_device(device: str, max_length: int) -> str:
-    if not device or not device.strip():
-        raise BadRequest("device id is empty")
-    if len(device) > max_length:
-        raise BadRequest(f"device id longer than {max_length} characters")
-    if CONTROL_CHARS.search(device):
-        raise BadRequest("device id holds control characters")
+    """The decoder's check (MILLSTREAM_LIMITS__MAX_DEVICE_ID_LENGTH): an id no message could carry is a 400."""
+    problem = device_id_problem(device, max_length)
+    if problem is not None:
+        raise BadRequest(problem)
     return device
 
 
@@ -77,14 +75,8 @@ def window_query(params: Mapping[str, str], sizes_s: list[int], now_ms: int) -> 
     if not size_text.isdigit() or int(size_text) not in sizes_s:
         raise BadRequest(f"size: {size_text[:20]!r} is not a window size of this service {sizes_s}")
     size_s = int(size_text)
-    to_ms = parse_time("to", params["to"]) if "to" in params else now_ms + 1
-    from_ms = parse_time("from", params["from"]) if "from" in params else to_ms - 24 * 3_600_000
-    if from_ms >= to_ms:
-        raise BadRequest("from must be before to")
-    limit_text = params.get("limit", str(DEFAULT_LIMIT))
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
-        raise BadRequest(f"limit: {limit_text[:20]!r} is not a whole number from 1 to {MAX_LIMIT}")
-    return WindowQuery(metric, size_s, from_ms, to_ms, int(limit_text))
+    from_ms, to_ms, limit = _span(params, now_ms, 24 * 3_600_000)
+    return WindowQuery(metric, size_s, from_ms, to_ms, limit)
 
 
 def alerts_query(params: Mapping[str, str], now_ms: int) -> WindowQuery:
@@ -92,14 +84,20 @@ def alerts_query(params: Mapping[str, str], now_ms: int) -> WindowQuery:
     unknown = sorted(set(params) - {"from", "to", "limit"})
     if unknown:
         raise BadRequest(f"unknown parameter {unknown[0]!r} (from, to, limit)")
+    from_ms, to_ms, limit = _span(params, now_ms, 7 * 24 * 3_600_000)
+    return WindowQuery("", 0, from_ms, to_ms, limit)
+
+
+def _span(params: Mapping[str, str], now_ms: int, default_span_ms: int) -> tuple[int, int, int]:
+    """``from``, ``to`` (default: now, and ``default_span_ms`` before ``to``) and ``limit``; raises BadRequest."""
     to_ms = parse_time("to", params["to"]) if "to" in params else now_ms + 1
-    from_ms = parse_time("from", params["from"]) if "from" in params else to_ms - 7 * 24 * 3_600_000
+    from_ms = parse_time("from", params["from"]) if "from" in params else to_ms - default_span_ms
     if from_ms >= to_ms:
         raise BadRequest("from must be before to")
     limit_text = params.get("limit", str(DEFAULT_LIMIT))
     if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
         raise BadRequest(f"limit: {limit_text[:20]!r} is not a whole number from 1 to {MAX_LIMIT}")
-    return WindowQuery("", 0, from_ms, to_ms, int(limit_text))
+    return from_ms, to_ms, int(limit_text)
 
 
 def alerts_answer(device: str, query: WindowQuery, rows: list[tuple[Any, ...]], source: str) -> dict[str, Any]:

@@ -303,15 +303,20 @@ class ScyllaSettings(_Group):
 
     @model_validator(mode="after")
     def _login_and_tls(self) -> ScyllaSettings:
-        # A user name alone would silently connect without authentication.
-        if bool(self.username) != bool(self.password and self.password.get_secret_value()):
-            given, missing = ("USERNAME", "PASSWORD") if self.username else ("PASSWORD", "USERNAME")
-            raise ValueError(f"{ENV_PREFIX}SCYLLA__{missing} is required with {ENV_PREFIX}SCYLLA__{given}")
+        _both_or_neither("SCYLLA", self.username, self.password)
         if not self.tls:
             for name in ("tls_cafile", "tls_certfile", "tls_keyfile"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{ENV_PREFIX}SCYLLA__{name.upper()} is set but {ENV_PREFIX}SCYLLA__TLS is false")
         return self
+
+
+def _both_or_neither(group: str, username: str | None, password: SecretStr | None) -> None:
+    """A user name without a password (or the other way round) is a mistake: the driver would
+    silently connect without authentication."""
+    if bool(username) != bool(password and password.get_secret_value()):
+        given, missing = ("USERNAME", "PASSWORD") if username else ("PASSWORD", "USERNAME")
+        raise ValueError(f"{ENV_PREFIX}{group}__{missing} is required with {ENV_PREFIX}{group}__{given}")
 
 
 class WindowSettings(_Group):
@@ -422,9 +427,7 @@ class RegistrySettings(_Group):
 
     @model_validator(mode="after")
     def _login(self) -> RegistrySettings:
-        if bool(self.username) != bool(self.password and self.password.get_secret_value()):
-            given, missing = ("USERNAME", "PASSWORD") if self.username else ("PASSWORD", "USERNAME")
-            raise ValueError(f"{ENV_PREFIX}REGISTRY__{missing} is required with {ENV_PREFIX}REGISTRY__{given}")
+        _both_or_neither("REGISTRY", self.username, self.password)
         return self
 
 

@@ -61,6 +61,17 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def device_id_problem(device_id: str, max_length: int) -> str | None:
+    """What is wrong with a device id, or None: the decoder's check, and the lookup API's."""
+    if not device_id or not device_id.strip():
+        return "empty device_id"
+    if len(device_id) > max_length:
+        return f"device_id longer than {max_length}"
+    if CONTROL_CHARS.search(device_id):
+        return "control characters in device_id"
+    return None
+
+
 def parse_time_ms(value: Any) -> int:
     """Epoch milliseconds from ISO-8601 or epoch seconds/milliseconds; raises _Reject."""
     if isinstance(value, bool):
@@ -192,12 +203,9 @@ class Decoder:
             raise _Reject(RejectReason.DEVICE_ID_MISSING, "no device_id")
         if not isinstance(device_id, str):
             raise _Reject(RejectReason.DEVICE_ID_INVALID, f"device_id of type {type(device_id).__name__}")
-        if not device_id or not device_id.strip():
-            raise _Reject(RejectReason.DEVICE_ID_INVALID, "empty device_id")
-        if len(device_id) > self.max_device_id_length:
-            raise _Reject(RejectReason.DEVICE_ID_INVALID, f"device_id longer than {self.max_device_id_length}")
-        if CONTROL_CHARS.search(device_id):
-            raise _Reject(RejectReason.DEVICE_ID_INVALID, "control characters in device_id")
+        problem = device_id_problem(device_id, self.max_device_id_length)
+        if problem is not None:
+            raise _Reject(RejectReason.DEVICE_ID_INVALID, problem)
         return device_id
 
     def _time(self, doc: dict[str, Any], now_ms: int) -> int | None:
