@@ -203,15 +203,15 @@ class AlertPolicy:
     """Evaluates the rules on a device's newly closed windows; keeps their state in the device's."""
 
     def __init__(self, rules: list[Rule], grace_s: float) -> None:
-        self.rules = rules
-        self.names = frozenset(rule.name for rule in rules)
+        self.replace(rules)
         self.grace_ms = int(grace_s * 1000)
 
     def replace(self, rules: list[Rule]) -> None:
         """New rules from the next batch on (app/rules.py reloads the file). A rule that keeps
         its name keeps its state per device (raised or not, the run, the EWMA); the state of a
         rule that is gone is dropped from a device's state when the device is next evaluated."""
-        self.rules, self.names = rules, frozenset(rule.name for rule in rules)
+        self.rules: list[Rule] = rules
+        self.names = frozenset(rule.name for rule in rules)
 
     def evaluate(self, device: str, state: DeviceState, offset: int) -> list[AlertRow]:
         """New alerts from windows that closed since the last evaluation, oldest first. The

@@ -15,7 +15,8 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.support.world import World, committed_total, produce, read_topic
+from tests.support.audit import committed
+from tests.support.world import World, produce, read_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.cql, pytest.mark.timeout(300)]
 
@@ -79,7 +80,7 @@ def test_a_spike_raises_and_clears_exactly_once(world: World, tmp_path: Path, cr
         half = len(messages) // 2
         asyncio.run(produce(world.broker.bootstrap, world.topic, messages[:half]))
         deadline = time.monotonic() + 60
-        while asyncio.run(committed_total(world.broker.bootstrap, f"{world.name}-group", world.topic)) < half // 2:
+        while committed(world) < half // 2:
             assert time.monotonic() < deadline
             time.sleep(0.2)
         worker.kill9()
@@ -88,14 +89,8 @@ def test_a_spike_raises_and_clears_exactly_once(world: World, tmp_path: Path, cr
         asyncio.run(produce(world.broker.bootstrap, world.topic, messages[half:]))
     else:
         asyncio.run(produce(world.broker.bootstrap, world.topic, messages))
-    deadline = time.monotonic() + 120
-    while asyncio.run(committed_total(world.broker.bootstrap, f"{world.name}-group", world.topic)) < len(messages):
-        assert time.monotonic() < deadline, "not everything was committed"
-        time.sleep(0.5)
     want = expected(start_ms)
-    records = asyncio.run(read_topic(world.broker.bootstrap, world.alerts_topic, len(want), wait_s=20))
-    docs = [json.loads(r.value) for r in records]
-    got = {(d["device_id"], d["rule"], d["state"], _ms(d["window_start"])) for d in docs}
+    records, docs, got = committed_alerts(world, len(messages), len(want))
     assert got == want, docs
     assert all(dict(r.headers)["millstream.alert.id"].decode() == d["alert_id"]
                for r, d in zip(records, docs, strict=True))  # fmt: skip
@@ -117,6 +112,18 @@ def test_a_spike_raises_and_clears_exactly_once(world: World, tmp_path: Path, cr
         ("cleared", start_ms + 180_000),
         ("raised", start_ms + 120_000),
     ]
+
+
+def committed_alerts(world: World, messages: int, alerts: int) -> tuple[list[Any], list[dict[str, Any]], set[Any]]:
+    """Once all ``messages`` are committed: the alerts topic's records, their documents, and
+    (device, rule, state, window start ms) of each."""
+    deadline = time.monotonic() + 120
+    while committed(world) < messages:
+        assert time.monotonic() < deadline, "not everything was committed"
+        time.sleep(0.5)
+    records = asyncio.run(read_topic(world.broker.bootstrap, world.alerts_topic, alerts, wait_s=20))
+    docs = [json.loads(r.value) for r in records]
+    return records, docs, {(d["device_id"], d["rule"], d["state"], _ms(d["window_start"])) for d in docs}
 
 
 def _ms(iso: str) -> int:
@@ -146,14 +153,8 @@ def test_rules_reloaded_while_the_worker_runs(world: World, tmp_path: Path) -> N
             assert time.monotonic() < deadline, f"no {said!r} in the worker's log"
             time.sleep(0.2)
     asyncio.run(produce(world.broker.bootstrap, world.topic, messages))
-    deadline = time.monotonic() + 120
-    while asyncio.run(committed_total(world.broker.bootstrap, f"{world.name}-group", world.topic)) < len(messages):
-        assert time.monotonic() < deadline, "not everything was committed"
-        time.sleep(0.5)
     want = expected(start_ms)
-    records = asyncio.run(read_topic(world.broker.bootstrap, world.alerts_topic, len(want), wait_s=20))
-    docs = [json.loads(r.value) for r in records]
-    got = {(d["device_id"], d["rule"], d["state"], _ms(d["window_start"])) for d in docs}
+    records, _docs, got = committed_alerts(world, len(messages), len(want))
     assert got == want
     assert len(records) == len(want)
     assert 'millstream_alert_rules_reloads_total{outcome="applied"} 1.0' in worker.metrics()

@@ -12,6 +12,7 @@ import pytest
 from app.tools.simulator import SimulationLog
 from tests.support.audit import (
     audit,
+    committed,
     produce_in_background,
     simulate,
     stored_rows,
@@ -144,7 +145,7 @@ def test_records_without_a_value_go_to_the_dlq_and_the_rest_is_stored(world: Wor
     worker.wait_ready()
     asyncio.run(produce(world.broker.bootstrap, world.topic, messages))  # type: ignore[arg-type]
     deadline = time.monotonic() + 60
-    while asyncio.run(committed_total(world.broker.bootstrap, f"{world.name}-group", world.topic)) < len(messages):
+    while committed(world) < len(messages):
         assert time.monotonic() < deadline, f"not committed; worker log:\n{worker.tail()}"
         time.sleep(0.2)
     assert worker.proc.poll() is None and worker.starts == 1  # never crashed
