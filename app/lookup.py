@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from models.decode import device_id_problem
-from models.times import NoTimeZone, iso_ms, ms_of_iso
+from models.times import MAX_MS, MIN_MS, NoTimeZone, iso_ms, ms_of_iso
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 
@@ -44,15 +44,17 @@ class WindowQuery:
 
 
 def parse_time(name: str, text: str) -> int:
-    """Epoch milliseconds from ISO-8601 with a zone, or from an integer of epoch milliseconds."""
-    if re.fullmatch(r"-?\d{1,16}", text):
-        return int(text)
+    """Epoch milliseconds from ISO-8601 with a zone, or from an integer of epoch milliseconds,
+    within years 1-9999 UTC (what an answer can write back as ISO-8601)."""
     try:
-        return ms_of_iso(text)
+        millis = int(text) if re.fullmatch(r"-?\d{1,16}", text) else ms_of_iso(text)
     except NoTimeZone:
         raise BadRequest(f"{name}: {text[:40]!r} has no time zone (add Z or +01:00)") from None
     except (ValueError, OverflowError):
         raise BadRequest(f"{name}: {text[:40]!r} is neither ISO-8601 nor epoch milliseconds") from None
+    if not MIN_MS <= millis <= MAX_MS:
+        raise BadRequest(f"{name}: {text[:40]} is outside years 1-9999 UTC (epoch milliseconds {MIN_MS} to {MAX_MS})")
+    return millis
 
 
 def check_device(device: str, max_length: int) -> str:
@@ -91,7 +93,7 @@ def alerts_query(params: Mapping[str, str], now_ms: int) -> WindowQuery:
 def _span(params: Mapping[str, str], now_ms: int, default_span_ms: int) -> tuple[int, int, int]:
     """``from``, ``to`` (default: now, and ``default_span_ms`` before ``to``) and ``limit``; raises BadRequest."""
     to_ms = parse_time("to", params["to"]) if "to" in params else now_ms + 1
-    from_ms = parse_time("from", params["from"]) if "from" in params else to_ms - default_span_ms
+    from_ms = parse_time("from", params["from"]) if "from" in params else max(to_ms - default_span_ms, MIN_MS)
     if from_ms >= to_ms:
         raise BadRequest("from must be before to")
     limit_text = params.get("limit", str(DEFAULT_LIMIT))

@@ -17,6 +17,8 @@ _EPOCH = datetime(1970, 1, 1)
 _EPOCH_UTC = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
 DAY_MS = 86_400_000
+MIN_MS = -62_135_596_800_000  # 0001-01-01T00:00:00.000Z: the range iso_ms can write
+MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
 
 class NoTimeZone(ValueError):

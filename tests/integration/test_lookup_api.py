@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from models.times import MAX_MS, MIN_MS
 from tests.support.audit import simulate, wait_until_complete
 from tests.support.oracle import expected
 from tests.support.world import World, produce
@@ -73,6 +74,16 @@ def test_the_api_answers_what_was_aggregated(world: World, source: str) -> None:
                 count, total, low, high, last, _ = want.windows[(device, metric, size, start)]
                 assert (window["count"], window["min"], window["max"], window["last"]) == (count, low, high, last)
                 assert window["sum"] == pytest.approx(total)
+    # The widest bounds the API takes, years 1 to 9999; 16-digit epoch milliseconds past them
+    # are a 400 naming the parameter (they were a 500: the reads went through datetime).
+    device, metric = devices[0], sorted(m for (d, m) in want.latest if d == devices[0])[0]
+    every = [w["start"] for w in all_windows(worker.web_port, device, metric, 60)]
+    path = f"/devices/{device}/windows?metric={metric}&size=60&limit=1000"
+    status, body = get(worker.web_port, f"{path}&from={MIN_MS}&to={MAX_MS}")
+    assert status == 200 and [w["start"] for w in body["windows"]] == every, body
+    for bad in ("from=-9999999999999999", "to=9999999999999999", f"from={MIN_MS - 1}"):
+        status, body = get(worker.web_port, f"{path}&{bad}")
+        assert status == 400 and bad.split("=")[0] in body["error"] and "years 1-9999" in body["error"], body
     assert get(worker.web_port, "/devices/nobody-at-all/latest")[0] == 404
     assert get(worker.web_port, "/devices/nobody-at-all/windows?metric=t")[0] == 404
     status, body = get(worker.web_port, f"/devices/{devices[0]}/windows?metric=t&limit=0")

@@ -11,12 +11,15 @@ from app.lookup import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     BadRequest,
+    alerts_answer,
+    alerts_query,
     check_device,
     from_state,
     parse_time,
     window_query,
     windows_answer,
 )
+from models.times import MAX_MS, MIN_MS
 
 NOW = 1_796_272_229_607
 SIZES = [60, 3600]
@@ -55,6 +58,32 @@ def test_bad_device_ids_are_refused(device: str) -> None:
 def test_times_are_iso_with_a_zone_or_epoch_milliseconds() -> None:
     assert parse_time("to", "2026-12-03T10:00:00Z") == parse_time("to", "2026-12-03T11:00:00+01:00")
     assert parse_time("to", "1796272229607") == 1796272229607
+
+
+def test_times_outside_years_1_to_9999_are_refused() -> None:
+    assert (parse_time("from", str(MIN_MS)), parse_time("to", str(MAX_MS))) == (MIN_MS, MAX_MS)
+    for text in (str(MIN_MS - 1), str(MAX_MS + 1), "-9999999999999999", "9999999999999999"):
+        with pytest.raises(BadRequest, match=f"to: {text} is outside years 1-9999 UTC"):
+            parse_time("to", text)
+
+
+BOUNDS = st.one_of(
+    st.integers(-(10**16) + 1, 10**16 - 1).map(str),
+    st.sampled_from(["0001-01-01T00:00:00Z", "0001-01-01T00:30:00+01:00", "9999-12-31T23:59:59.999Z"]),
+)
+
+
+@given(bounds=st.dictionaries(st.sampled_from(["from", "to"]), BOUNDS))
+def test_every_span_the_api_takes_can_be_answered(bounds: dict[str, str]) -> None:
+    """Found by this test: 16-digit epoch milliseconds and a ``to`` in year 1 (its default
+    ``from`` a day earlier) were taken, then the answer could not write them (a 500)."""
+    try:
+        query, alerts = window_query({"metric": "t", **bounds}, SIZES, NOW), alerts_query(bounds, NOW)
+    except BadRequest:
+        return
+    assert MIN_MS <= query.from_ms < query.to_ms <= MAX_MS + 1
+    windows_answer("dev", query, [], "table")
+    alerts_answer("dev", alerts, [], "table")
 
 
 def state_with(windows: int) -> DeviceState:
