@@ -178,13 +178,24 @@ def _anomaly_rule(where: str, name: str, metric: str, doc: dict[str, Any], sizes
 
 def load_rules(path: Path, sizes_s: list[int]) -> list[Rule]:
     """The rules of a YAML file (``rules:`` a list); raises RulesError with one line."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RulesError(f"{rules_file_name(path)}: {exc.strerror or exc}") from None
+    return parse_rules(data, path, sizes_s)
+
+
+def rules_file_name(path: Path) -> str:
+    return f"MILLSTREAM_ALERTS__RULES_FILE ({path})"
+
+
+def parse_rules(data: bytes, path: Path, sizes_s: list[int]) -> list[Rule]:
+    """The rules of a rules file's bytes, read from ``path``; raises RulesError with one line."""
     import yaml
 
-    where = f"MILLSTREAM_ALERTS__RULES_FILE ({path})"
+    where = rules_file_name(path)
     try:
-        doc = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise RulesError(f"{where}: {exc.strerror or exc}") from None
+        doc = yaml.safe_load(data)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

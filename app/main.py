@@ -11,7 +11,7 @@ from typing import Any
 
 import faust
 
-from agents.alerts import AlertPolicy, load_rules
+from agents.alerts import AlertPolicy
 from agents.ingest import register as register_ingest
 from agents.offsets import BrokerProbe, OffsetGate
 from agents.pipeline import Pipeline
@@ -20,7 +20,7 @@ from agents.windows import WindowPolicy
 from app import faust_patches, monitor, web
 from app.kafka import iam_token_provider, kafka_client_options, ssl_context
 from app.registry import SchemaRegistry
-from app.rules import RulesReloader
+from app.rules import RulesFile, RulesReloader
 from app.settings import KafkaSettings, Settings
 from models.decode import Decoder
 from sinks.alerts import KafkaAlerts
@@ -145,7 +145,8 @@ def compose(app: faust.App, settings: Settings) -> Pipeline:
     )  # fmt: skip
     tables = declare_tables(app, settings)
     # Threshold rules on closed windows; their alerts go to the alerts topic (and ScyllaDB).
-    rules = load_rules(settings.alerts.rules_file, windows.sizes_s) if settings.alerts.rules_file else []
+    rules_file = RulesFile(settings.alerts.rules_file, windows.sizes_s) if settings.alerts.rules_file else None
+    rules = rules_file.load() if rules_file is not None else []
     alerts_topic = app.topic(
         kafka.alerts_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
         partitions=kafka.partitions, replicas=kafka.replication_factor,
@@ -156,8 +157,8 @@ def compose(app: faust.App, settings: Settings) -> Pipeline:
         decoder=Decoder.from_limits(limits, registry.book if registry is not None else None),
         schemas=registry,
         # With a rules file, even an empty one: its rules may arrive by a reload (app/rules.py).
-        alerts=AlertPolicy(rules, windows.grace_s) if settings.alerts.rules_file else None,
-        alert_sink=KafkaAlerts(alerts_topic) if settings.alerts.rules_file else None,
+        alerts=AlertPolicy(rules, windows.grace_s) if rules_file is not None else None,
+        alert_sink=KafkaAlerts(alerts_topic) if rules_file is not None else None,
         windows=WindowPolicy(windows.sizes_s, windows.grace_s, windows.retention_windows, windows.dedup_s),
         state=tables.windows,
         raw_sink=raw_writer(settings.clickhouse),
@@ -174,18 +175,18 @@ def compose(app: faust.App, settings: Settings) -> Pipeline:
     gate = OffsetGate(kafka.telemetry_topic, BrokerProbe(kafka_client_options(kafka)))
     gate.attach(app)  # before faust's fetcher starts (see agents/offsets.py)
     ingest = register_ingest(app, settings, source, pipeline, gate)
-    _reload_rules(app, settings, pipeline.alerts)
+    _reload_rules(app, settings, pipeline.alerts, rules_file)
     monitor.register(app, settings, gate)
     web.register(app, ingest, tables.windows.table, settings)
     return pipeline
 
 
-def _reload_rules(app: faust.App, settings: Settings, policy: AlertPolicy | None) -> None:
+def _reload_rules(app: faust.App, settings: Settings, policy: AlertPolicy | None, rules_file: RulesFile | None) -> None:
     """Check the rules file every MILLSTREAM_ALERTS__RELOAD_INTERVAL_S (app/rules.py)."""
-    interval, path = settings.alerts.reload_interval_s, settings.alerts.rules_file
-    if policy is None or path is None or not interval:
+    interval = settings.alerts.reload_interval_s
+    if policy is None or rules_file is None or not interval:
         return
-    reloader = RulesReloader(path, settings.windows.sizes_s, policy)
+    reloader = RulesReloader(rules_file, policy)
 
     @app.timer(interval, name="millstream.reload_rules")  # type: ignore[untyped-decorator]
     async def reload_rules() -> None:

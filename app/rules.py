@@ -19,18 +19,38 @@ import logging
 import os
 from pathlib import Path
 
-from agents.alerts import AlertPolicy, RulesError, load_rules
+from agents.alerts import AlertPolicy, Rule, RulesError, parse_rules, rules_file_name
 from app import metrics
 
 log = logging.getLogger(__name__)
 
 
-class RulesReloader:
-    def __init__(self, path: Path, sizes_s: list[int], policy: AlertPolicy) -> None:
-        self.path, self.sizes_s, self.policy = path, sizes_s, policy
+class RulesFile:
+    """A rules file read once per change: its stat, then its bytes, whose digest and rules come
+    from that one read (a change between a check and a parse cannot go unseen). The stat is
+    taken before the read, so a write after it changes the next stat."""
+
+    def __init__(self, path: Path, sizes_s: list[int]) -> None:
+        self.path, self.sizes_s = path, sizes_s
+        self._stat: tuple[int, int, int] | None = None
+        self._digest: bytes | None = None
+
+    def load(self) -> list[Rule]:
+        """The rules as the file holds them now; raises RulesError with one line."""
         self._stat = self._stat_of()
-        self._digest = self._digest_of()
-        metrics.ALERT_RULES.set(len(policy.rules))
+        return self._parse(self._read())
+
+    def changed(self) -> list[Rule] | None:
+        """The file's rules if its bytes changed since the last read, else None; raises
+        RulesError (once per change) for a file that does not pass."""
+        stat = self._stat_of()
+        if stat == self._stat:
+            return None
+        self._stat = stat
+        data = self._read()
+        if hashlib.sha256(data).digest() == self._digest:
+            return None  # touched, or rewritten with the same rules
+        return self._parse(data)
 
     def _stat_of(self) -> tuple[int, int, int] | None:
         try:
@@ -39,28 +59,33 @@ class RulesReloader:
             return None
         return st.st_mtime_ns, st.st_size, st.st_ino
 
-    def _digest_of(self) -> bytes | None:
+    def _read(self) -> bytes:
         try:
-            return hashlib.sha256(self.path.read_bytes()).digest()
-        except OSError:
-            return None
+            return self.path.read_bytes()
+        except OSError as exc:
+            self._digest = None  # its return, even unchanged, is read again
+            raise RulesError(f"{rules_file_name(self.path)}: {exc.strerror or exc}") from None
+
+    def _parse(self, data: bytes) -> list[Rule]:
+        self._digest = hashlib.sha256(data).digest()
+        return parse_rules(data, self.path, self.sizes_s)
+
+
+class RulesReloader:
+    def __init__(self, rules_file: RulesFile, policy: AlertPolicy) -> None:
+        self.rules_file, self.policy = rules_file, policy
+        metrics.ALERT_RULES.set(len(policy.rules))
 
     def check(self) -> str | None:
         """Reload if the file changed: "applied", "refused", or None (unchanged)."""
-        stat = self._stat_of()
-        if stat == self._stat:
-            return None
-        self._stat = stat
-        digest = self._digest_of()
-        if digest == self._digest:
-            return None  # touched, or rewritten with the same rules
-        self._digest = digest
         try:
-            rules = load_rules(self.path, self.sizes_s)
+            rules = self.rules_file.changed()
         except RulesError as exc:
             metrics.ALERT_RULES_RELOADS.labels(outcome="refused").inc()
             log.error("alert rules not reloaded, the %d in force stay: %s", len(self.policy.rules), exc)
             return "refused"
+        if rules is None:
+            return None
         before = {rule.name: rule for rule in self.policy.rules}
         self.policy.replace(rules)
         metrics.ALERT_RULES.set(len(rules))
@@ -69,6 +94,7 @@ class RulesReloader:
         added = sorted(after.keys() - before.keys())
         removed = sorted(before.keys() - after.keys())
         changed = sorted(n for n in after.keys() & before.keys() if after[n] != before[n])
-        log.warning("alert rules reloaded from %s: %d in force (added %s, changed %s, removed %s)", self.path,
+        path = self.rules_file.path
+        log.warning("alert rules reloaded from %s: %d in force (added %s, changed %s, removed %s)", path,
                     len(rules), added or "none", changed or "none", removed or "none")  # fmt: skip
         return "applied"

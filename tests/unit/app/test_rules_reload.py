@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agents.alerts import RAISED, AlertPolicy, load_rules
+from agents.alerts import RAISED, AlertPolicy
 from agents.windows import ApplyResult, DeviceState, WindowPolicy
 from app import metrics
-from app.rules import RulesReloader
+from app.rules import RulesFile, RulesReloader
 from models.records import Reading
 
 SIZES = [60, 3600]
@@ -28,8 +28,9 @@ def reloads(outcome: str) -> float:
 def loaded(tmp_path: Path, text: str) -> tuple[Path, AlertPolicy, RulesReloader]:
     path = tmp_path / "rules.yaml"
     path.write_text(text)
-    policy = AlertPolicy(load_rules(path, SIZES), 60.0)
-    return path, policy, RulesReloader(path, SIZES, policy)
+    rules_file = RulesFile(path, SIZES)
+    policy = AlertPolicy(rules_file.load(), 60.0)
+    return path, policy, RulesReloader(rules_file, policy)
 
 
 def rewrite(path: Path, text: str) -> None:
@@ -75,6 +76,19 @@ def test_a_deleted_file_is_refused_and_its_return_applies(tmp_path: Path) -> Non
     assert len(policy.rules) == 1
     path.write_text(HOT_AND_COLD)
     assert reloader.check() == "applied"
+
+
+def test_a_change_between_the_start_and_the_first_check_applies(tmp_path: Path) -> None:
+    """Regression: the reloader took the file's digest when it was built, after the rules in
+    force had been read; a change in between was never applied. Now both come from one read."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(HOT)
+    rules_file = RulesFile(path, SIZES)
+    policy = AlertPolicy(rules_file.load(), 60.0)
+    rewrite(path, HOT_AND_COLD)  # while the worker composes its app
+    reloader = RulesReloader(rules_file, policy)
+    assert reloader.check() == "applied"
+    assert [r.name for r in policy.rules] == ["hot", "cold"]
 
 
 def test_touching_the_file_does_not_reload(tmp_path: Path) -> None:
