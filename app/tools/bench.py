@@ -444,16 +444,22 @@ class Bench:
             clock.rss.append((acked, rss_mb(worker.pid)))
 
         def query() -> None:
-            rng, paths = random.Random(5), API_PATHS
-            while True:
-                device = rng.choice(query_devices or ["none"])
-                status, _ = worker.get(f"/devices/{device}{rng.choice(paths)}")
-                if status in (200, 404):  # 404: a device whose first batch is not written yet
-                    clock.queries += 1
-                else:
-                    clock.query_errors += 1
-                if stop.wait(1 / API_QUERIES_PER_S):
-                    return
+            rng, paths, api = random.Random(5), API_PATHS, worker.client()
+            due = time.monotonic()
+            try:
+                while True:
+                    device = rng.choice(query_devices or ["none"])
+                    status, _ = api.get(f"/devices/{device}{rng.choice(paths)}")
+                    if status in (200, 404):  # 404: a device whose first batch is not written yet
+                        clock.queries += 1
+                    else:
+                        clock.query_errors += 1
+                    # on a schedule, not a pause after each answer: slow answers do not lower the rate
+                    due += 1 / API_QUERIES_PER_S
+                    if stop.wait(max(due - time.monotonic(), 0.0)):
+                        return
+            finally:
+                api.close()
 
         client = threading.Thread(target=query, daemon=True, name="bench-api-client")
         try:
@@ -611,6 +617,7 @@ class Bench:
         clock, text, rss = self._pipeline(name, topic, count, sample if queried else None, **settings)
         query_figures = {
             "api_queries_answered": clock.queries,
+            "api_queries_per_s": round(clock.queries / (clock.done - clock.ready), 1),
             "api_query_errors": clock.query_errors,
             "api_cpu_us_per_query": round(clock.query_cpu_us) if queried else 0,
         }
@@ -652,10 +659,13 @@ def query_cost(worker: LocalWorker, devices: list[str]) -> float:
     started, idle_from = time.monotonic(), cpu_seconds(worker.pid)
     time.sleep(2.0)
     idle_per_s = (cpu_seconds(worker.pid) - idle_from) / (time.monotonic() - started)
-    rng = random.Random(6)
+    rng, api = random.Random(6), worker.client()
     started, busy_from = time.monotonic(), cpu_seconds(worker.pid)
-    for _ in range(API_COST_QUERIES):
-        worker.get(f"/devices/{rng.choice(devices)}{rng.choice(API_PATHS)}")
+    try:
+        for _ in range(API_COST_QUERIES):
+            api.get(f"/devices/{rng.choice(devices)}{rng.choice(API_PATHS)}")
+    finally:
+        api.close()
     busy = cpu_seconds(worker.pid) - busy_from - idle_per_s * (time.monotonic() - started)
     return max(busy, 0.0) / API_COST_QUERIES * 1e6
 

@@ -7,6 +7,7 @@ a demo or a benchmark measures the configuration it prints. It is watched throug
 
 from __future__ import annotations
 
+import http.client
 import math
 import os
 import re
@@ -119,6 +120,10 @@ class WorkerChild:
     def metrics(self) -> str:
         return self.get("/metrics")[1]
 
+    def client(self) -> KeepAliveClient:
+        """A client of this worker's web port that keeps its connection, as API clients do."""
+        return KeepAliveClient("127.0.0.1", self.web_port)
+
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -168,6 +173,38 @@ class WorkerChild:
         """SIGTERM by PID, SIGKILL if it lingers; the exit code (None if never started)."""
         stop_process(self.proc, timeout)
         return None if self.proc is None else self.proc.returncode
+
+
+class KeepAliveClient:
+    """GETs over one HTTP/1.1 connection, opened again when the server closed it. The lookup
+    API's users (requests.Session, aiohttp, a browser) keep connections; a new TCP connection
+    per request would cost the worker about as much again as a ``/latest`` answer."""
+
+    def __init__(self, host: str, port: int, timeout: float = 5) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self._connection: http.client.HTTPConnection | None = None
+
+    def get(self, path: str) -> tuple[int, str]:
+        for attempt in (1, 2):
+            if self._connection is None:
+                self._connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self._connection.request("GET", path)
+                response = self._connection.getresponse()
+                return response.status, response.read().decode()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.close()  # the server closed an idle connection: once more on a new one
+                if attempt == 2:
+                    raise
+            except BaseException:
+                self.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
 
 
 class LocalWorker(WorkerChild):

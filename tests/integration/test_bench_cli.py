@@ -69,6 +69,8 @@ def test_bench_prints_every_figure() -> None:
     for point in (queried, queried_again):
         assert point["devices"] == 20 and point["api_queries_answered"] > 0 and point["api_query_errors"] == 0
         assert point["api_cpu_us_per_query"] > 0
+        assert point["api_queries_per_s"] == pytest.approx(point["api_queries_answered"] / point["messages"]
+                                                           * point["msgs_per_s"], rel=0.05)  # fmt: skip
     assert plain["devices"] == 20 and "api_queries_answered" not in plain
     assert figures["api_load_ratio"] == pytest.approx(
         (queried["msgs_per_s"] + queried_again["msgs_per_s"]) / (few["msgs_per_s"] + plain["msgs_per_s"]), rel=0.01
