@@ -233,6 +233,10 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--scylla", default=None, metavar="HOSTS",
         help="ScyllaDB hosts (host[:port],...) for the sweep; default: the CQL test server of a checkout",
     )  # fmt: skip
+    bench.add_argument(
+        "--api-seconds", type=float, default=60.0,
+        help="how long the sweep's lookup API point ingests, queries on and off (default 60)",
+    )  # fmt: skip
     bench.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
 
 
@@ -391,12 +395,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(f"--sweep-devices {args.sweep_devices!r}: device counts separated by commas")
         if any(d < 1 for d in sweep) or args.sweep_messages < 1:
             return _fail("--sweep-devices counts and --sweep-messages must be at least 1")
+        if not 0 < args.api_seconds <= 3600:
+            return _fail("--api-seconds must be above 0 and at most 3600")
         from app.tools.bench import BenchOptions, run_bench
 
         options = BenchOptions(
             messages=args.messages, batched_messages=args.batched_messages, batch_size=args.batch_size,
             devices=args.devices, latency_seconds=args.latency_seconds, clickhouse_url=args.clickhouse_url,
             sweep_devices=sweep, sweep_messages=args.sweep_messages, scylla=args.scylla,
+            api_seconds=args.api_seconds,
         )  # fmt: skip
         return run_bench(options, args.json)
     if args.command == "demo":

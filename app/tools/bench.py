@@ -24,6 +24,8 @@ message, so start-up (group join, table recovery, sink DDL) is not counted for a
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import json
 import math
 import random
@@ -82,6 +84,7 @@ class BenchOptions:
     sweep_devices: tuple[int, ...] = (200, 2_000, 20_000, 100_000)  # empty: no sweep
     sweep_messages: int = 30_000  # per point, and at least one per device
     scylla: str | None = None  # host[:port],...; default: the CQL test server of a checkout
+    api_seconds: float = 60.0  # the lookup API point's ingestion, sized from the smallest point's rate
 
 
 @dataclass
@@ -98,9 +101,9 @@ class RateClock:
     rss: list[tuple[float, float]] = field(default_factory=list)  # (messages done, MiB)
     cpu_ready: float = math.nan  # the consumer process's CPU seconds (all threads) at ready
     cpu_done: float = math.nan
-    queries: int = 0  # lookup API requests answered while it ran (the query-load point)
-    query_errors: int = 0
+    samples: list[tuple[float, float, float]] = field(default_factory=list)  # (time, messages done, CPU s)
     query_cpu_us: float = math.nan  # the worker's CPU per query once idle (the query-load point)
+    api: ApiLoad | None = None  # the lookup API client of the query-load point
 
     def rate(self) -> float:
         return self.total / (self.done - self.ready) if self.done > self.ready else math.nan
@@ -235,6 +238,7 @@ def pipeline_cpu(messages: list[tuple[bytes, bytes]], batch: int) -> tuple[float
 class Bench:
     def __init__(self, options: BenchOptions, workdir: Path, say: Callable[[str], None]) -> None:
         self.options, self.workdir, self.say = options, workdir, say
+        self.rate_hint = 0.0  # msgs/s of the full pipeline (phase 3): sizes the lookup API point
         self.broker = EmbeddedBroker(workdir / "broker.log")
         self.children: list[Callable[[], object]] = []  # what stops each child process
 
@@ -274,7 +278,7 @@ class Bench:
         quix = self._quix(bootstrap, o.messages, o.batched_messages * o.batch_size)
         self.say("4/7 full pipeline, single-reading messages")
         pipeline_clock, pipeline_text, pipeline_rss = self._pipeline("pipeline", "bench-single", o.messages)
-        pipeline = pipeline_clock.rate()
+        pipeline = self.rate_hint = pipeline_clock.rate()
         self.say(f"    {pipeline:,.0f} msgs/s")
         self.say(f"5/7 full pipeline, {o.batch_size} readings per message")
         batched_clock, batched_text, batched_rss = self._pipeline("batched", "bench-batched", o.batched_messages)
@@ -435,51 +439,31 @@ class Bench:
         self, phase: str, topic: str, total: int, query_devices: list[str] | None = None, **settings: str
     ) -> tuple[RateClock, str, list[float]]:
         """A worker from ready to every message acked; with ``query_devices``, a client queries the
-        lookup API about them at API_QUERIES_PER_S meanwhile."""
+        lookup API about them meanwhile (ApiLoad)."""
         worker = self._worker(phase, topic, **settings)
         clock = RateClock(total=total)
-        stop = threading.Event()
 
         def on_poll(now: float, acked: float) -> None:
             clock.rss.append((acked, rss_mb(worker.pid)))
+            clock.samples.append((now, acked, cpu_seconds(worker.pid)))
 
-        def query() -> None:
-            rng, paths, api = random.Random(5), API_PATHS, worker.client()
-            due = time.monotonic()
-            try:
-                while True:
-                    device = rng.choice(query_devices or ["none"])
-                    status, _ = api.get(f"/devices/{device}{rng.choice(paths)}")
-                    if status in (200, 404):  # 404: a device whose first batch is not written yet
-                        clock.queries += 1
-                    else:
-                        clock.query_errors += 1
-                    # on a schedule, not a pause after each answer: slow answers do not lower the rate
-                    due += 1 / API_QUERIES_PER_S
-                    if stop.wait(max(due - time.monotonic(), 0.0)):
-                        return
-            finally:
-                api.close()
-
-        client = threading.Thread(target=query, daemon=True, name="bench-api-client")
+        client = ApiLoad(worker, query_devices) if query_devices else None
         try:
             clock.ready = _wait_ready(lambda: worker.get("/readyz")[0] == 200, worker.check_alive, 300)
             clock.cpu_ready = cpu_seconds(worker.pid)
-            if query_devices:
+            if client is not None:
                 client.start()
             text = worker.wait_acked(total, timeout=900, progress=self.say, on_poll=on_poll, interval=POLL_S)
             clock.done = time.monotonic()
             clock.cpu_done = cpu_seconds(worker.pid)
-            stop.set()
-            if client.is_alive():
-                client.join(10)
-            if query_devices:
-                clock.query_cpu_us = query_cost(worker, query_devices)
+            if client is not None:
+                client.stop()
+                clock.query_cpu_us = query_cost(worker, client.devices)
         finally:
-            stop.set()
-            if client.is_alive():
-                client.join(10)
+            if client is not None:
+                client.stop()
             worker.stop()
+        clock.api = client
         return clock, text, [mb for _done, mb in clock.rss]
 
     def _latency(self, rate: float) -> tuple[str, list[float]]:
@@ -545,19 +529,21 @@ class Bench:
         self.say(f"7/7 device sweep, ScyllaDB at {hosts}:{port}: {', '.join(f'{d:,}' for d in points)} devices, "
                  f"then {scaling:,} without ScyllaDB")  # fmt: skip
         rows = [self._sweep_point(devices, (hosts, port) if scylla else None) for devices, scylla in runs]
-        # Runs of one point differ by more than the queries cost (a fifth on this machine), so
-        # with and without queries alternate, twice, and the ratios compare the sums.
-        self.say(f"    {points[0]:,} devices again: under {API_QUERIES_PER_S:g} lookup API queries/s, without, under")
-        queried = self._sweep_point(points[0], (hosts, port), queried=True)
-        plain_again = self._sweep_point(points[0], (hosts, port), round_=2)
-        queried_again = self._sweep_point(points[0], (hosts, port), queried=True, round_=2)
+        # One worker ingests while the client queries and pauses in turn; the phases compare
+        # within one run (two runs of one point differ by more than the queries cost).
+        seconds = API_WARMUP_S + o.api_seconds
+        # sized from the best rate seen: a short sweep point's rate is mostly its start
+        rate = max(rows[0]["msgs_per_s"], self.rate_hint if math.isfinite(self.rate_hint) else 0.0)
+        messages = max(int(rate * seconds), o.sweep_messages, points[0])
+        self.say(f"    {points[0]:,} devices again, {messages:,} messages (about {seconds:g}s): {API_QUERIES_PER_S:g} "
+                 f"lookup API queries/s, on and off every {API_PHASE_S:g}s or so")  # fmt: skip
+        queried = self._sweep_point(points[0], (hosts, port), queried=messages)
         on = {r["devices"]: r for r in rows if r["scylla"]}
         off = next(r for r in rows if not r["scylla"])
         low, high = on[points[0]], on[points[-1]]
         grown_bytes = (high["rss_peak_mb"] - low["rss_peak_mb"]) * 1024 * 1024
         per_device = grown_bytes / max(high["devices_with_messages"] - low["devices_with_messages"], 1)
         rows_at_scaling = on[scaling]["aggregate_rows_per_msg"]
-        per_query = (queried["api_cpu_us_per_query"] + queried_again["api_cpu_us_per_query"]) / 2
         return {
             "device_sweep": rows,
             "device_scaling_ratio": round(on[scaling]["msgs_per_s"] / low["msgs_per_s"], 3),
@@ -568,34 +554,26 @@ class Bench:
                 (on[scaling]["cpu_us_per_msg"] - off["cpu_us_per_msg"]) / rows_at_scaling, 1
             ) if rows_at_scaling else 0.0,
             "memory_per_device_bytes": round(per_device),
-            # The same worker and data under lookup API queries, against without them (issue 15).
-            "api_query_points": [queried, plain_again, queried_again],
-            "api_load_ratio": round(
-                (queried["msgs_per_s"] + queried_again["msgs_per_s"])
-                / (low["msgs_per_s"] + plain_again["msgs_per_s"]), 3
-            ),
-            "api_load_cpu_ratio": round(
-                (low["cpu_us_per_msg"] + plain_again["cpu_us_per_msg"])
-                / (queried["cpu_us_per_msg"] + queried_again["cpu_us_per_msg"]), 3
-            ),
+            # One worker's ingestion with lookup API queries against without them (issue 15).
+            "api_query_point": queried,
+            "api_load_ratio": _ratio(queried["msgs_per_s_with_queries"], queried["msgs_per_s_without"]),
+            "api_load_cpu_ratio": _ratio(queried["cpu_us_per_msg_without"], queried["cpu_us_per_msg_with_queries"]),
             # The same from the cost of one query on the idle worker: the share of the worker's
             # ingestion CPU (without queries) that API_QUERIES_PER_S queries would take.
-            "api_cpu_us_per_query": round(per_query),
-            "api_cpu_share": round(
-                per_query * API_QUERIES_PER_S
-                / (low["cpu_us_per_msg"] * low["msgs_per_s"]), 3
+            "api_cpu_us_per_query": queried["api_cpu_us_per_query"],
+            "api_cpu_share": _ratio(
+                queried["api_cpu_us_per_query"] * API_QUERIES_PER_S,
+                queried["cpu_us_per_msg_without"] * queried["msgs_per_s_without"],
             ),
         }  # fmt: skip
 
-    def _sweep_point(
-        self, devices: int, scylla: tuple[str, int] | None, queried: bool = False, round_: int = 1
-    ) -> dict[str, Any]:
+    def _sweep_point(self, devices: int, scylla: tuple[str, int] | None, queried: int = 0) -> dict[str, Any]:
         """One worker reading single-reading messages of ``devices`` devices, with ScyllaDB at
-        ``scylla`` (hosts, port) or without it; ``queried``: under lookup API queries."""
+        ``scylla`` (hosts, port) or without it; ``queried``: that many messages, under lookup API
+        queries half of the time (ApiLoad)."""
         o = self.options
-        count = max(o.sweep_messages, devices)
+        count = queried or max(o.sweep_messages, devices)
         name = f"sweep-{devices}" + ("" if scylla is not None else "-noscylla") + ("-api" if queried else "")
-        name += f"-{round_}" if round_ > 1 else ""
         topic = f"bench-{name}"
         asyncio.run(create_topics([topic], partitions=o.partitions, bootstrap_servers=self.broker.bootstrap))
         messages = _messages(BenchOptions(devices=devices, batch_size=1), batched=False, count=count, seed=4 + devices)
@@ -609,22 +587,15 @@ class Bench:
             settings = {
                 "SCYLLA__ENABLED": "true", "SCYLLA__CONTACT_POINTS": hosts, "SCYLLA__PORT": str(port),
                 # a keyspace per topic: write versions are per topic (docs/migrations.md)
-                "SCYLLA__KEYSPACE": f"millstream_bench_{devices}" + ("_api" if queried else "")
-                + (f"_{round_}" if round_ > 1 else ""),
+                "SCYLLA__KEYSPACE": f"millstream_bench_{devices}" + ("_api" if queried else ""),
                 "SCYLLA__REPLICATION_CLASS": "SimpleStrategy",
                 "SCYLLA__REPLICATION_FACTOR": "1", "SCYLLA__CONSISTENCY": "ONE",
             }  # fmt: skip
         clock, text, rss = self._pipeline(name, topic, count, sample if queried else None, **settings)
-        query_figures = {
-            "api_queries_answered": clock.queries,
-            "api_queries_per_s": round(clock.queries / (clock.done - clock.ready), 1),
-            "api_query_errors": clock.query_errors,
-            "api_cpu_us_per_query": round(clock.query_cpu_us) if queried else 0,
-        }
         row = {
             "devices": devices,
             "scylla": scylla is not None,
-            **(query_figures if queried else {}),
+            **(api_figures(clock) if clock.api is not None else {}),
             "messages": count,
             "devices_with_messages": touched,
             "msgs_per_s": round(clock.rate()),
@@ -636,6 +607,8 @@ class Bench:
             "changelog_records_per_msg": round(changelog_records(text) / count, 2),
             "rss_peak_mb": round(max(rss, default=0.0), 1),
         }
+        if queried:
+            self.say(api_summary(row))
         without = "" if scylla is not None else ", no ScyllaDB"
         self.say(f"    {devices:,} devices{without}: {row['msgs_per_s']:,} msgs/s, "
                  f"{row['cpu_us_per_msg']} µs CPU/msg, {row['aggregate_rows_per_msg']} rows and "
@@ -650,6 +623,141 @@ class Bench:
 
 API_PATHS = ("/latest", "/windows?metric=temperature&limit=100")  # the queries' mix
 API_COST_QUERIES = 300  # queries timed on the idle worker
+# The query-load point's clients query for about this long, then pause, and so on: several
+# batches each (a batch's messages are acked at once, so short phases measure batch boundaries).
+API_PHASE_S = 4.0
+API_CLIENTS = 4  # lookup API clients at once in the query-load point
+API_WARMUP_S = 3.0  # its first seconds, without queries, count for neither side (the worker warms up)
+
+
+class ApiLoad:
+    """Lookup API clients in threads of the bench, API_CLIENTS of them, each over a connection
+    it keeps and on a schedule of its own, together API_QUERIES_PER_S queries a second about
+    ``devices`` in one phase, none in the next, and so on: one worker's ingestion is compared
+    with and without queries (:func:`phase_split`), without the differences between two
+    workers' runs. Phases last API_PHASE_S on average, each drawn at random from half to one and
+    a half times that: the worker's periodic work (commits, flushes, timers) cannot line up
+    with them. Several clients, as an API has: one waits for each answer, and an answer waits
+    for the batch the event loop is on."""
+
+    def __init__(self, worker: LocalWorker, devices: list[str]) -> None:
+        self.worker, self.devices = worker, devices
+        self.switches: list[float] = []  # when queries go on, off, on, ... (from start())
+        self.answered = self.errors = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(n,), daemon=True, name=f"bench-api-client-{n}")
+            for n in range(API_CLIENTS)
+        ]
+
+    def start(self) -> None:
+        rng, at = random.Random(7), time.monotonic() + API_WARMUP_S
+        self.switches = [at]
+        while at < self.switches[0] + 3600:
+            at += API_PHASE_S * rng.uniform(0.5, 1.5)
+            self.switches.append(at)
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(10)
+
+    def switched(self, until: float) -> list[float]:
+        """The switches up to ``until``."""
+        return self.switches[: max(bisect.bisect_right(self.switches, until), 1)]
+
+    def _run(self, n: int) -> None:
+        rng, api, every = random.Random(5 + n), self.worker.client(), API_CLIENTS / API_QUERIES_PER_S
+        offset = every * n / API_CLIENTS  # the clients' schedules interleave
+        due = self.switches[0] + offset
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                phase = bisect.bisect_right(self.switches, now)  # 0: before the first; odd: queries on
+                if phase % 2 == 0:  # queries off until the next switch
+                    due = self.switches[min(phase, len(self.switches) - 1)] + offset
+                    self._stop.wait(max(due - offset - now, 0.0))
+                elif now >= due:
+                    status, _ = api.get(f"/devices/{rng.choice(self.devices)}{rng.choice(API_PATHS)}")
+                    with self._lock:
+                        if status in (200, 404):  # 404: a device whose first batch is not written yet
+                            self.answered += 1
+                        else:
+                            self.errors += 1
+                    due += every  # a schedule: slow answers do not lower the rate
+                else:
+                    self._stop.wait(due - now)
+        finally:
+            api.close()
+
+
+def api_figures(clock: RateClock) -> dict[str, Any]:
+    """The query-load point's figures: the client's, the phases', the idle worker's per query."""
+    assert clock.api is not None
+    api = clock.api
+    switches = api.switched(clock.done)
+    split = phase_split(clock.samples, switches)
+    querying_s = sum(
+        max(min(end, clock.done) - start, 0.0) for start, end in zip(switches[::2], api.switches[1::2], strict=False)
+    )  # fmt: skip
+    return {
+        "api_queries_answered": api.answered,
+        "api_queries_per_s": round(api.answered / querying_s, 1) if querying_s else 0.0,
+        "api_query_errors": api.errors,
+        "api_phases": len(switches),
+        **{key: _rounded(value, 0 if key.startswith("msgs") else 1) for key, value in split.items()},
+        "api_cpu_us_per_query": round(clock.query_cpu_us),
+    }
+
+
+def api_summary(row: dict[str, Any]) -> str:
+    def shown(key: str) -> str:
+        value = row[key]
+        return "none (no such phase was complete)" if value is None else f"{value:,}"
+
+    return (f"    with queries {shown('msgs_per_s_with_queries')} msgs/s, {shown('cpu_us_per_msg_with_queries')} µs "
+            f"CPU/msg ({row['api_queries_per_s']} queries/s); without {shown('msgs_per_s_without')} msgs/s, "
+            f"{shown('cpu_us_per_msg_without')} µs CPU/msg; {row['api_phases']} phases; "
+            f"{row['api_cpu_us_per_query']} µs CPU per query on the idle worker")  # fmt: skip
+
+
+def _rounded(value: float, digits: int) -> float | None:
+    """None for a figure a run did not yield (a phase it never reached): JSON has no NaN."""
+    if not math.isfinite(value):
+        return None
+    return round(value) if digits == 0 else round(value, digits)
+
+
+def _ratio(top: float | None, bottom: float | None) -> float | None:
+    return round(top / bottom, 3) if top is not None and bottom else None
+
+
+def phase_split(samples: list[tuple[float, float, float]], switches: list[float]) -> dict[str, float]:
+    """Rate and CPU per message with and without queries, from the scrapes' ``samples`` (time,
+    messages done, CPU seconds) and the client's ``switches`` (times queries went on, off, on,
+    ...). An interval between two scrapes counts for the phase it lies in; one across a switch,
+    before the first or after the last (the run's end: the backlog's tail, not a phase), for
+    neither."""
+    sums = {True: [0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0]}  # seconds, messages, CPU seconds
+    for (t0, done0, cpu0), (t1, done1, cpu1) in itertools.pairwise(samples):
+        phase = bisect.bisect_right(switches, t0)
+        if phase in (0, len(switches)) or phase != bisect.bisect_right(switches, t1):
+            continue
+        total = sums[phase % 2 == 1]
+        total[0], total[1], total[2] = total[0] + t1 - t0, total[1] + done1 - done0, total[2] + cpu1 - cpu0
+    (on_s, on_msgs, on_cpu), (off_s, off_msgs, off_cpu) = sums[True], sums[False]
+    return {
+        "msgs_per_s_with_queries": on_msgs / on_s if on_s else math.nan,
+        "msgs_per_s_without": off_msgs / off_s if off_s else math.nan,
+        "cpu_us_per_msg_with_queries": on_cpu / on_msgs * 1e6 if on_msgs else math.nan,
+        "cpu_us_per_msg_without": off_cpu / off_msgs * 1e6 if off_msgs else math.nan,
+        "seconds_with_queries": on_s,
+        "seconds_without": off_s,
+    }
 
 
 def query_cost(worker: LocalWorker, devices: list[str]) -> float:
