@@ -600,11 +600,10 @@ class CqlServer:
                 for column in [c for c in row if c not in table.primary_key and stamps.get(c, -1) <= stamp]:
                     del row[column]
                 if row and all(c in table.primary_key for c in row) and stamps.get("", -1) <= stamp:
-                    del table.rows[row_key]
-                    del table.stamps[row_key]
+                    table.drop(row_key)
                 return
             self.stats["rows_written"] += 1
-            row = table.rows.setdefault(row_key, {c: key[c] for c in table.primary_key})  # type: ignore[misc]
+            row = table.upsert(row_key, {c: key[c] for c in table.primary_key})  # type: ignore[misc]
             if verb == "insert":
                 stamps[""] = max(stamps.get("", -1), stamp)  # the row marker
             for column, value in assignments.items():
@@ -682,7 +681,7 @@ class CqlServer:
             token = tokens.next().text
             limit = self._limit(token, values)
         tokens.accept("allow", "filtering")
-        keyed = [(k, r) for k, r in table.rows.items() if all(r.get(c) == v for c, v in conditions.items())]
+        keyed = [(k, r) for k, r in table.candidates(conditions) if all(r.get(c) == v for c, v in conditions.items())]
         if ranges:
             keyed = [(k, r) for k, r in keyed if self._in_ranges(table, r, ranges)]
         keyed.sort(key=lambda item: table.sort_key(item[1]))
@@ -801,8 +800,7 @@ class CqlServer:
         if tokens.accept("truncate"):
             tokens.accept("table")
             truncated = self._table(tokens, state)
-            truncated.rows.clear()
-            truncated.stamps.clear()
+            truncated.clear()
             return _int(1)
         raise CqlError(ERR_SYNTAX, f"the test server does not support: {query[:60]}")
 
