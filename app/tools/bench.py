@@ -834,13 +834,16 @@ def run_bench(options: BenchOptions, as_json: bool) -> int:
     width = max(len(k) for k in result)
     print()
     for key, value in result.items():
-        if key == "device_sweep" and isinstance(sweep, list):
+        if (key == "device_sweep" and isinstance(sweep, list)) or isinstance(value, dict):
             continue
         shown = f"{value:,}" if isinstance(value, int) else str(value)
         print(f"{key:<{width}}  {shown:<24} {goal_met(key, value) if isinstance(value, (int, float)) else ''}")
     if isinstance(sweep, list):
         print("\ndevice sweep (single-reading messages, one worker)")
         print(sweep_table(sweep))
+    if isinstance(result.get("api_query_point"), dict):
+        print(f"\nlookup API point ({result['api_query_point']['devices']:,} devices, one worker):")
+        print(api_summary(result["api_query_point"]).strip())
     print(f"\nworker logs in {workdir}")
     if as_json:
         print(json.dumps(result))

@@ -81,4 +81,5 @@ def test_bench_prints_every_figure() -> None:
         figures["api_cpu_us_per_query"] * 50 / (queried["cpu_us_per_msg_without"] * queried["msgs_per_s_without"]),
         rel=0.05,
     )
+    assert "lookup API point (20 devices, one worker):\nwith queries" in result.stdout  # not a dict's repr
     assert "api_load_cpu_ratio" in result.stdout and "api_cpu_share" in result.stdout
