@@ -178,11 +178,15 @@ def _anomaly_rule(where: str, name: str, metric: str, doc: dict[str, Any], sizes
 
 def load_rules(path: Path, sizes_s: list[int]) -> list[Rule]:
     """The rules of a YAML file (``rules:`` a list); raises RulesError with one line."""
+    return parse_rules(read_rules_file(path), path, sizes_s)
+
+
+def read_rules_file(path: Path) -> bytes:
+    """The rules file's bytes; raises RulesError with one line naming the setting and the file."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise RulesError(f"{rules_file_name(path)}: {exc.strerror or exc}") from None
-    return parse_rules(data, path, sizes_s)
 
 
 def rules_file_name(path: Path) -> str:

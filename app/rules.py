@@ -19,7 +19,7 @@ import logging
 import os
 from pathlib import Path
 
-from agents.alerts import AlertPolicy, Rule, RulesError, parse_rules, rules_file_name
+from agents.alerts import AlertPolicy, Rule, RulesError, parse_rules, read_rules_file
 from app import metrics
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ class RulesFile:
     def load(self) -> list[Rule]:
         """The rules as the file holds them now; raises RulesError with one line."""
         self._stat = self._stat_of()
-        return self._parse(self._read())
+        data = self._read()
+        return self._parse(data, hashlib.sha256(data).digest())
 
     def changed(self) -> list[Rule] | None:
         """The file's rules if its bytes changed since the last read, else None; raises
@@ -48,9 +49,10 @@ class RulesFile:
             return None
         self._stat = stat
         data = self._read()
-        if hashlib.sha256(data).digest() == self._digest:
+        digest = hashlib.sha256(data).digest()
+        if digest == self._digest:
             return None  # touched, or rewritten with the same rules
-        return self._parse(data)
+        return self._parse(data, digest)
 
     def _stat_of(self) -> tuple[int, int, int] | None:
         try:
@@ -61,13 +63,13 @@ class RulesFile:
 
     def _read(self) -> bytes:
         try:
-            return self.path.read_bytes()
-        except OSError as exc:
+            return read_rules_file(self.path)
+        except RulesError:
             self._digest = None  # its return, even unchanged, is read again
-            raise RulesError(f"{rules_file_name(self.path)}: {exc.strerror or exc}") from None
+            raise
 
-    def _parse(self, data: bytes) -> list[Rule]:
-        self._digest = hashlib.sha256(data).digest()
+    def _parse(self, data: bytes, digest: bytes) -> list[Rule]:
+        self._digest = digest  # before parsing: a file that does not pass is refused once per change
         return parse_rules(data, self.path, self.sizes_s)
 
 
