@@ -60,6 +60,7 @@ class Ingest:
         self.app, self.settings, self.pipeline, self.gate = app, settings, pipeline, gate
         self.sinks = [s for s in (pipeline.raw_sink, pipeline.aggregate_sink) if s is not None]
         self.started: set[str] = set()  # sinks whose start() (connect + DDL) succeeded
+        self.acked_cpu_s: float | None = None  # the process's CPU at the last ack
 
     async def run(self, stream: Any) -> None:
         """The agent's body: connect the sinks, then read until stopped or a batch fails."""
@@ -140,7 +141,11 @@ class Ingest:
         self.gate.advance(events, generation)
         for event in events:
             await stream.ack(event)
-        metrics.ACKED.inc(len(events))
+        cpu_s = time.process_time()
+        if self.acked_cpu_s is not None:
+            metrics.BATCH_CPU.observe(cpu_s - self.acked_cpu_s)
+        self.acked_cpu_s = cpu_s
+        metrics.ACKED.inc(len(events))  # with BATCH_CPU, no await between: a scrape sees both or neither
         acked_at = time.time()
         for event in events:
             metrics.ACK_LATENCY.observe(acked_at - event.message.timestamp)

@@ -101,7 +101,8 @@ class RateClock:
     rss: list[tuple[float, float]] = field(default_factory=list)  # (messages done, MiB)
     cpu_ready: float = math.nan  # the consumer process's CPU seconds (all threads) at ready
     cpu_done: float = math.nan
-    samples: list[tuple[float, float, float]] = field(default_factory=list)  # (time, messages done, CPU s)
+    # (time, messages acked, sum of the worker's batch CPU seconds), for phase_split
+    samples: list[tuple[float, float, float]] = field(default_factory=list)
     query_cpu_us: float = math.nan  # the worker's CPU per query once idle (the query-load point)
     api: ApiLoad | None = None  # the lookup API client of the query-load point
 
@@ -443,9 +444,10 @@ class Bench:
         worker = self._worker(phase, topic, **settings)
         clock = RateClock(total=total)
 
-        def on_poll(now: float, acked: float) -> None:
+        def on_poll(now: float, acked: float, text: str) -> None:
             clock.rss.append((acked, rss_mb(worker.pid)))
-            clock.samples.append((now, acked, cpu_seconds(worker.pid)))
+            batch_cpu = metric_value(text, "millstream_batch_cpu_seconds_sum")
+            clock.samples.append((now, acked, batch_cpu))
 
         client = ApiLoad(worker, query_devices) if query_devices else None
         try:
@@ -479,7 +481,7 @@ class Bench:
             samples: list[float] = []
             asyncio.run(_produce(self.broker.bootstrap, "bench-live", messages, rate))
             text = worker.wait_acked(
-                count, timeout=300, progress=self.say, on_poll=lambda _n, _a: samples.append(rss_mb(worker.pid)),
+                count, timeout=300, progress=self.say, on_poll=lambda _n, _a, _t: samples.append(rss_mb(worker.pid)),
                 interval=POLL_S,
             )  # fmt: skip
             samples.append(rss_mb(worker.pid))
@@ -635,10 +637,10 @@ class ApiLoad:
     it keeps and on a schedule of its own, together API_QUERIES_PER_S queries a second about
     ``devices`` in one phase, none in the next, and so on: one worker's ingestion is compared
     with and without queries (:func:`phase_split`), without the differences between two
-    workers' runs. Phases last API_PHASE_S on average, each drawn at random from half to one and
-    a half times that: the worker's periodic work (commits, flushes, timers) cannot line up
-    with them. Several clients, as an API has: one waits for each answer, and an answer waits
-    for the batch the event loop is on."""
+    workers' runs. The phases come in blocks of on, off, off, on (:func:`phase_switches`), so
+    that a drift over the run (the worker's CPU per message grows as its state and stores do)
+    falls on both sides alike. Several clients, as an API has: one waits for each answer, and
+    an answer waits for the batch the event loop is on."""
 
     def __init__(self, worker: LocalWorker, devices: list[str]) -> None:
         self.worker, self.devices = worker, devices
@@ -652,11 +654,7 @@ class ApiLoad:
         ]
 
     def start(self) -> None:
-        rng, at = random.Random(7), time.monotonic() + API_WARMUP_S
-        self.switches = [at]
-        while at < self.switches[0] + 3600:
-            at += API_PHASE_S * rng.uniform(0.5, 1.5)
-            self.switches.append(at)
+        self.switches = phase_switches(time.monotonic() + API_WARMUP_S, 3600, random.Random(7))
         for thread in self._threads:
             thread.start()
 
@@ -695,6 +693,25 @@ class ApiLoad:
             api.close()
 
 
+def phase_switches(start: float, seconds: float, rng: random.Random) -> list[float]:
+    """When queries go on, off, on, ... from ``start`` for at least ``seconds``: blocks of on,
+    off, off, on, each quarter of a block as long as the others (half of API_PHASE_S, drawn at
+    random from half to one and a half times that, so the worker's periodic work cannot line up
+    with them). The two sides' times have the same centre in every block: a linear drift cancels
+    out. Two blocks' neighbouring quarters of the same side make one phase."""
+    switches, at = [start], start
+    while at < start + seconds:
+        quarter = API_PHASE_S / 2 * rng.uniform(0.5, 1.5)
+        if len(switches) > 1:
+            switches[-1] += quarter  # the last block's final "on" goes on through this one's first
+        else:
+            switches.append(start + quarter)
+        switches.append(switches[-1] + 2 * quarter)  # off, off
+        at = switches[-1] + quarter
+        switches.append(at)  # on until here, or on through the next block's first quarter
+    return switches
+
+
 def api_figures(clock: RateClock) -> dict[str, Any]:
     """The query-load point's figures: the client's, the phases', the idle worker's per query."""
     assert clock.api is not None
@@ -709,7 +726,7 @@ def api_figures(clock: RateClock) -> dict[str, Any]:
         "api_queries_per_s": round(api.answered / querying_s, 1) if querying_s else 0.0,
         "api_query_errors": api.errors,
         "api_phases": len(switches),
-        **{key: _rounded(value, 0 if key.startswith("msgs") else 1) for key, value in split.items()},
+        **{key: _rounded(value, 0 if key.startswith(("msgs", "batched")) else 1) for key, value in split.items()},
         "api_cpu_us_per_query": round(clock.query_cpu_us),
     }
 
@@ -738,25 +755,41 @@ def _ratio(top: float | None, bottom: float | None) -> float | None:
 
 def phase_split(samples: list[tuple[float, float, float]], switches: list[float]) -> dict[str, float]:
     """Rate and CPU per message with and without queries, from the scrapes' ``samples`` (time,
-    messages done, CPU seconds) and the client's ``switches`` (times queries went on, off, on,
-    ...). An interval between two scrapes counts for the phase it lies in; one across a switch,
+    messages acked, the sum of the worker's millstream_batch_cpu_seconds) and the
+    client's ``switches`` (times queries went on, off, on, ...).
+
+    An interval between two scrapes counts for the phase it lies in; one across a switch,
     before the first or after the last (the run's end: the backlog's tail, not a phase), for
-    neither."""
-    sums = {True: [0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0]}  # seconds, messages, CPU seconds
-    for (t0, done0, cpu0), (t1, done1, cpu1) in itertools.pairwise(samples):
+    neither. The rate is messages acked over the phases' seconds. The CPU per message counts
+    whole batches: the worker acks a batch at a time (5,000 messages, about half a second), so
+    the messages acked between two scrapes come in steps while the CPU flows on, and a phase of
+    a few seconds held one batch more or less than its share (a null run, clients sending
+    nothing, read 0.80 to 1.11). A batch counts when both its ack and the one before it (where
+    its CPU starts) were seen in the same phase, with the CPU the worker measured between them.
+    """
+    sums = {True: [0.0] * 4, False: [0.0] * 4}  # seconds, messages, batch messages, batch CPU s
+    acked_in = None  # the phase of the last ack seen, while the intervals since stay in it
+    for (t0, done0, batch0), (t1, done1, batch1) in itertools.pairwise(samples):
         phase = bisect.bisect_right(switches, t0)
         if phase in (0, len(switches)) or phase != bisect.bisect_right(switches, t1):
+            acked_in = None
             continue
         total = sums[phase % 2 == 1]
-        total[0], total[1], total[2] = total[0] + t1 - t0, total[1] + done1 - done0, total[2] + cpu1 - cpu0
-    (on_s, on_msgs, on_cpu), (off_s, off_msgs, off_cpu) = sums[True], sums[False]
+        total[0], total[1] = total[0] + t1 - t0, total[1] + done1 - done0
+        if done1 > done0:
+            if acked_in == phase:
+                total[2], total[3] = total[2] + done1 - done0, total[3] + batch1 - batch0
+            acked_in = phase
+    (on_s, on_msgs, on_batched, on_cpu), (off_s, off_msgs, off_batched, off_cpu) = sums[True], sums[False]
     return {
         "msgs_per_s_with_queries": on_msgs / on_s if on_s else math.nan,
         "msgs_per_s_without": off_msgs / off_s if off_s else math.nan,
-        "cpu_us_per_msg_with_queries": on_cpu / on_msgs * 1e6 if on_msgs else math.nan,
-        "cpu_us_per_msg_without": off_cpu / off_msgs * 1e6 if off_msgs else math.nan,
+        "cpu_us_per_msg_with_queries": on_cpu / on_batched * 1e6 if on_batched else math.nan,
+        "cpu_us_per_msg_without": off_cpu / off_batched * 1e6 if off_batched else math.nan,
         "seconds_with_queries": on_s,
         "seconds_without": off_s,
+        "batched_messages_with_queries": on_batched,
+        "batched_messages_without": off_batched,
     }
 
 

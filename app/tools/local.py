@@ -142,12 +142,12 @@ class WorkerChild:
         *,
         timeout: float,
         progress: Callable[[str], None],
-        on_poll: Callable[[float, float], None] | None = None,
+        on_poll: Callable[[float, float, str], None] | None = None,
         interval: float = 0.5,
     ) -> str:
         """Poll /metrics until ``total`` messages are acked; returns the last scrape.
 
-        ``on_poll(monotonic_time, acked)`` sees every scrape (the benchmark times with it).
+        ``on_poll(monotonic_time, acked, text)`` sees every scrape (the benchmark times with it).
         """
         deadline, last_report = time.monotonic() + timeout, time.monotonic()
         while time.monotonic() < deadline:
@@ -160,7 +160,7 @@ class WorkerChild:
             now = time.monotonic()
             acked = metric_value(text, "millstream_acked_messages_total")
             if on_poll is not None:
-                on_poll(now, acked)
+                on_poll(now, acked, text)
             if acked >= total:
                 return text
             if now - last_report >= 3:

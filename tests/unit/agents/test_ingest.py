@@ -109,3 +109,25 @@ def test_events_are_processed_in_offset_order_from_the_committed_offset_when_no_
         assert gate.committable == {A: 12}
 
     asyncio.run(run())
+
+
+def test_each_batch_after_the_first_reports_the_cpu_since_the_ack_before_it() -> None:
+    """millstream_batch_cpu_seconds (what the bench's lookup API point counts per batch) moves
+    with the acked counter: the first batch has no ack before it to measure from."""
+
+    def seen() -> tuple[float, float]:
+        count = sum(s.value for m in metrics.BATCH_CPU.collect() for s in m.samples if s.name.endswith("_count"))
+        total = sum(s.value for m in metrics.BATCH_CPU.collect() for s in m.samples if s.name.endswith("_sum"))
+        return count, total
+
+    async def run() -> None:
+        ingest, _, _, _ = _ingest(rebalancing=False)
+        stream, (count, total) = FakeStream(), seen()
+        await ingest.handle(stream, _events(10, 11))
+        assert seen() == (count, total)
+        sum(i * i for i in range(200_000))  # CPU between the two acks
+        await ingest.handle(stream, _events(12))
+        after_count, after_total = seen()
+        assert after_count == count + 1 and after_total > total
+
+    asyncio.run(run())
