@@ -236,6 +236,12 @@ class ClickHouseServer(ManagedProcess):
         except OSError:
             return ""
 
+    def execute(self, sql: str) -> None:
+        """Run a statement over HTTP; unlike :meth:`query`, a refusal raises."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/", data=sql.encode())
+        with urllib.request.urlopen(request, timeout=10) as response:
+            response.read()
+
 
 PROMETHEUS_CONFIG = """global:
   scrape_interval: {interval}
