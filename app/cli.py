@@ -1,5 +1,5 @@
-"""The ``millstream`` command: ``worker``, ``bridge``, ``demo``, ``bench``, ``simulate``, ``replay``,
-``settings``."""
+"""The ``millstream`` command: ``worker``, ``bridge``, ``api``, ``demo``, ``bench``, ``simulate``,
+``replay``, ``settings``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Subscribe to MILLSTREAM_BRIDGE__ROUTES with QoS 1 under a persistent session, produce each "
         "message to Kafka (acks=all, key = the device id), and acknowledge it to MQTT once Kafka has it, in "
         "arrival order. Settings: MILLSTREAM_BRIDGE__* and MILLSTREAM_KAFKA__* (docs/mqtt.md).",
+    )
+    sub.add_parser(
+        "api",
+        help="answer the device lookup API from ScyllaDB, in a process apart from the workers",
+        description="Serve GET /devices/{id}/latest, /windows and /alerts (docs/api.md) from ScyllaDB on "
+        "MILLSTREAM_WEB_HOST:MILLSTREAM_API__WEB_PORT, with /metrics, /healthz and /readyz. Settings: "
+        "MILLSTREAM_SCYLLA__* as the workers have them, MILLSTREAM_WINDOWS__SIZES_S, MILLSTREAM_API__WEB_PORT.",
     )
     demo = sub.add_parser(
         "demo",
@@ -371,6 +378,39 @@ def _bridge_command() -> int:
     return 0
 
 
+def _api_command() -> int:
+    import asyncio
+    import logging
+    import signal
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        return _fail(f"invalid setting {exc}")
+    if not settings.scylla.enabled:
+        return _fail("api: MILLSTREAM_SCYLLA__ENABLED is false; millstream api answers from ScyllaDB (without it, "
+                     "each worker answers for its own partitions on MILLSTREAM_WEB_PORT)")  # fmt: skip
+    from app.api import serve
+    from sinks.base import FatalSinkError
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cassandra").setLevel(logging.ERROR)  # the API logs its own reconnects
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        await serve(settings, stop)
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:  # the web port taken, say
+        return _fail(f"api: {exc}")
+    except FatalSinkError as exc:
+        return _fail(f"api: {exc}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -381,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _settings_command(args)
     if args.command == "bridge":
         return _bridge_command()
+    if args.command == "api":
+        return _api_command()
     if args.command == "simulate":
         return _simulate_command(args)
     if args.command == "replay":

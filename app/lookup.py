@@ -1,4 +1,4 @@
-"""The device lookup API on the worker's web port (docs/api.md).
+"""The device lookup API on the worker's web port and in ``millstream api`` (docs/api.md).
 
 ``GET /devices/{id}/latest`` and ``GET /devices/{id}/windows?metric=&size=&from=&to=&limit=``,
 answered from ScyllaDB when it is configured (any worker answers for any device: the aggregates
@@ -14,13 +14,19 @@ a few hundred microseconds, like a batch's slice of work, so queries do not stal
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
+from app import metrics
 from models.decode import device_id_problem
 from models.times import MAX_MS, MIN_MS, NoTimeZone, iso_ms, ms_of_iso
+from sinks.base import SinkError
+
+if TYPE_CHECKING:
+    from sinks.scylla import ScyllaAggregateWriter
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 
@@ -150,3 +156,84 @@ def from_state(doc: Any, query: WindowQuery | None) -> list[tuple[Any, ...]]:
     ]
     rows.sort(reverse=True)
     return rows[: query.limit]
+
+
+Answer = tuple[int, dict[str, Any]]  # HTTP status, JSON body
+
+
+class LookupPages:
+    """The lookup API's answers as (status, body): from ScyllaDB when ``scylla`` (the aggregate
+    writer's session, or ``millstream api``'s reader) is given, else from ``table``, a worker's
+    windows table. The web layer (app/web.py, app/api.py) only encodes them."""
+
+    def __init__(self, scylla: ScyllaAggregateWriter | None, table: Any, sizes_s: list[int], max_length: int) -> None:
+        self.scylla, self.table, self.sizes, self.max_length = scylla, table, sizes_s, max_length
+        self.source = "scylla" if scylla is not None else "table"
+
+    def _state(self, device: str) -> Any:
+        from agents.windows import DeviceState
+
+        raw = self.table.get(device.encode())
+        return None if raw is None else DeviceState.loads(bytes(raw))
+
+    def _not_found(self, device: str) -> Answer:
+        where = "ScyllaDB" if self.scylla is not None else "this worker's partitions (no ScyllaDB configured)"
+        return 404, {"error": f"unknown device {device[:80]!r} in {where}"}
+
+    async def answer(self, params: Mapping[str, str], device: str, what: str) -> Answer:
+        """``what``: latest, windows or alerts; a 400 for a bad parameter, a 503 if ScyllaDB fails.
+        Counted in millstream_api_requests_total and timed in millstream_api_request_seconds."""
+        started = time.perf_counter()
+        try:
+            status, body = await self._answer(params, device, what)
+        except SinkError as exc:
+            status, body = 503, {"error": f"ScyllaDB: {exc}"}
+        metrics.API_REQUESTS.labels(what, str(status)).inc()
+        metrics.API_SECONDS.labels(what).observe(time.perf_counter() - started)
+        return status, body
+
+    async def _answer(self, params: Mapping[str, str], device: str, what: str) -> Answer:
+        try:
+            check_device(device, self.max_length)
+            now_ms = int(time.time() * 1000)
+            if what == "alerts":
+                return await self._alerts(device, alerts_query(params, now_ms))
+            query = window_query(params, self.sizes, now_ms) if what == "windows" else None
+        except BadRequest as exc:
+            return 400, {"error": str(exc)}
+        return await self._aggregates(device, query)
+
+    async def _aggregates(self, device: str, query: WindowQuery | None) -> Answer:
+        scylla = self.scylla
+        if scylla is not None:
+            if query is None:
+                rows: list[Any] = await scylla.read_latest(device)
+            else:
+                rows = await scylla.read_windows(
+                    device, query.metric, query.size_s, query.from_ms, query.to_ms, query.limit
+                )
+            if not rows and (query is None or not await scylla.read_latest(device)):
+                return self._not_found(device)
+        else:
+            state = self._state(device)
+            if state is None:
+                return self._not_found(device)
+            rows = from_state(state, query)
+        if query is None:
+            return 200, latest_answer(device, rows, self.source)
+        return 200, windows_answer(device, query, rows, self.source)
+
+    async def _alerts(self, device: str, query: WindowQuery) -> Answer:
+        if self.scylla is not None:
+            rows = await self.scylla.read_alerts(device, query.from_ms, query.to_ms, query.limit)
+            if len(rows) == query.limit:  # the page's oldest instant in full: the next page starts before it
+                oldest, ids = rows[-1][8], {row[0] for row in rows}
+                more = await self.scylla.read_alerts(device, oldest, oldest + 1, MAX_LIMIT)
+                rows += [row for row in more if row[0] not in ids]
+        else:  # the table keeps an alert only until it is written; the alerts topic has them all
+            state = self._state(device)
+            if state is None:
+                return self._not_found(device)
+            rows = sorted((tuple(a) for a in state.pending_alerts if query.from_ms <= a[8] < query.to_ms),
+                          key=lambda a: (-a[8], a[0]))[: query.limit]  # fmt: skip
+        return 200, alerts_answer(device, query, rows, self.source)

@@ -103,3 +103,12 @@ ALERT_RULES = Gauge("millstream_alert_rules", "Alert rules in force (MILLSTREAM_
 ALERT_RULES_RELOADS = Counter(
     "millstream_alert_rules_reloads_total", "Changes of the rules file seen, by outcome (applied, refused)", ["outcome"]
 )
+# Lookup API answers (app/lookup.py), on a worker's web port or from `millstream api`, by what
+# was asked (latest, windows, alerts) and HTTP status; and how long each took.
+API_REQUESTS = Counter(
+    "millstream_api_requests_total", "Lookup API answers, by endpoint and status", ["endpoint", "status"]
+)
+API_SECONDS = Histogram(
+    "millstream_api_request_seconds", "Time to answer a lookup API request", ["endpoint"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)  # fmt: skip

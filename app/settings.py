@@ -434,6 +434,15 @@ class RegistrySettings(_Group):
 _MQTT_URL = r"^mqtts?://[^/:@\s]+(:\d{1,5})?/?$"
 
 
+class ApiSettings(_Group):
+    """``millstream api``: the lookup API answered from ScyllaDB by a process of its own, apart from
+    the workers' ingestion (docs/api.md)."""
+
+    web_port: int = Field(
+        6068, ge=1, le=65535, description="Port of millstream api's /devices/..., /metrics, /healthz, /readyz."
+    )
+
+
 class BridgeSettings(_Group):
     """``millstream bridge``: MQTT to Kafka, each message acknowledged to MQTT only once Kafka has
     it (docs/mqtt.md)."""
@@ -526,6 +535,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     bridge: BridgeSettings = Field(default_factory=BridgeSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     store: Literal["rocksdb", "memory"] = Field(

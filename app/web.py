@@ -19,7 +19,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from agents.ingest import Ingest
 from app import lookup
 from app.settings import Settings
-from sinks.base import SinkError
 from sinks.scylla import ScyllaAggregateWriter
 
 
@@ -97,92 +96,26 @@ def register(app: faust.App, ingest: Ingest, windows_table: Any, settings: Setti
         return web.json(await census.counts())
 
 
-class LookupPages:
-    """The lookup API's answers (app/lookup.py): from ScyllaDB when configured, else this
-    worker's table."""
-
-    def __init__(self, ingest: Ingest, windows_table: Any, settings: Settings) -> None:
-        sink = ingest.pipeline.aggregate_sink
-        self.scylla = sink if isinstance(sink, ScyllaAggregateWriter) else None
-        self.source = "scylla" if self.scylla is not None else "table"
-        self.table, self.sizes = windows_table, settings.windows.sizes_s
-        self.max_length = settings.limits.max_device_id_length
-
-    def _state(self, device: str) -> Any:
-        from agents.windows import DeviceState
-
-        raw = self.table.get(device.encode())
-        return None if raw is None else DeviceState.loads(bytes(raw))
-
-    def _not_found(self, web: Any, device: str) -> Any:
-        where = "ScyllaDB" if self.scylla is not None else "this worker's partitions (no ScyllaDB configured)"
-        return web.json({"error": f"unknown device {device[:80]!r} in {where}"}, status=404)
-
-    async def answer(self, web: Any, request: Any, device: str, what: str) -> Any:
-        """``what``: latest, windows or alerts; a 400 for a bad parameter, a 503 if ScyllaDB fails."""
-        try:
-            lookup.check_device(device, self.max_length)
-            now_ms = int(time.time() * 1000)
-            if what == "alerts":
-                return await self._alerts(web, device, lookup.alerts_query(dict(request.query), now_ms))
-            query = lookup.window_query(dict(request.query), self.sizes, now_ms) if what == "windows" else None
-            return await self._aggregates(web, device, query)
-        except lookup.BadRequest as exc:
-            return web.json({"error": str(exc)}, status=400)
-        except SinkError as exc:
-            return web.json({"error": f"ScyllaDB: {exc}"}, status=503)
-
-    async def _aggregates(self, web: Any, device: str, query: lookup.WindowQuery | None) -> Any:
-        scylla = self.scylla
-        if scylla is not None:
-            if query is None:
-                rows: list[Any] = await scylla.read_latest(device)
-            else:
-                rows = await scylla.read_windows(
-                    device, query.metric, query.size_s, query.from_ms, query.to_ms, query.limit
-                )
-            if not rows and (query is None or not await scylla.read_latest(device)):
-                return self._not_found(web, device)
-        else:
-            state = self._state(device)
-            if state is None:
-                return self._not_found(web, device)
-            rows = lookup.from_state(state, query)
-        if query is None:
-            return web.json(lookup.latest_answer(device, rows, self.source))
-        return web.json(lookup.windows_answer(device, query, rows, self.source))
-
-    async def _alerts(self, web: Any, device: str, query: lookup.WindowQuery) -> Any:
-        if self.scylla is not None:
-            rows = await self.scylla.read_alerts(device, query.from_ms, query.to_ms, query.limit)
-            if len(rows) == query.limit:  # the page's oldest instant in full: the next page starts before it
-                oldest, ids = rows[-1][8], {row[0] for row in rows}
-                more = await self.scylla.read_alerts(device, oldest, oldest + 1, lookup.MAX_LIMIT)
-                rows += [row for row in more if row[0] not in ids]
-        else:  # the table keeps an alert only until it is written; the alerts topic has them all
-            state = self._state(device)
-            if state is None:
-                return self._not_found(web, device)
-            rows = sorted((tuple(a) for a in state.pending_alerts if query.from_ms <= a[8] < query.to_ms),
-                          key=lambda a: (-a[8], a[0]))[: query.limit]  # fmt: skip
-        return web.json(lookup.alerts_answer(device, query, rows, self.source))
-
-
 def _register_lookup(app: faust.App, ingest: Ingest, windows_table: Any, settings: Settings) -> None:
     """GET /devices/{id}/latest, /windows and /alerts (app/lookup.py, docs/api.md)."""
-    pages = LookupPages(ingest, windows_table, settings)
+    sink = ingest.pipeline.aggregate_sink
+    scylla = sink if isinstance(sink, ScyllaAggregateWriter) else None
+    pages = lookup.LookupPages(scylla, windows_table, settings.windows.sizes_s, settings.limits.max_device_id_length)
 
     @app.page("/devices/{device}/latest")
     async def device_latest(web: Any, request: Any, device: str) -> Any:
         """The newest value of every metric of a device."""
-        return await pages.answer(web, request, device, "latest")
+        status, body = await pages.answer(dict(request.query), device, "latest")
+        return web.json(body, status=status)
 
     @app.page("/devices/{device}/windows")
     async def device_windows(web: Any, request: Any, device: str) -> Any:
         """A device's window aggregates of one metric and size, newest first, paged."""
-        return await pages.answer(web, request, device, "windows")
+        status, body = await pages.answer(dict(request.query), device, "windows")
+        return web.json(body, status=status)
 
     @app.page("/devices/{device}/alerts")
     async def device_alerts(web: Any, request: Any, device: str) -> Any:
         """A device's alerts, newest first, paged."""
-        return await pages.answer(web, request, device, "alerts")
+        status, body = await pages.answer(dict(request.query), device, "alerts")
+        return web.json(body, status=status)

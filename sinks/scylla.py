@@ -398,6 +398,24 @@ class ScyllaAggregateWriter:
         log.info("ScyllaDB %s ready, keyspace %s, write generation %d", ",".join(s.contact_points), s.keyspace,
                  self.generation)  # fmt: skip
 
+    async def connect_for_reads(self) -> None:
+        """Only a session, for ``millstream api``: no DDL, no write generation (the workers own
+        the schema); the reads are prepared when first asked for."""
+        try:
+            self._cluster = self._build_cluster()
+            self._session = await asyncio.to_thread(self._cluster.connect)
+        except Exception as exc:
+            cluster, self._cluster = self._cluster, None
+            if cluster is not None:
+                await asyncio.to_thread(cluster.shutdown)
+            raise classify(exc) from exc
+        log.info("ScyllaDB %s connected for lookups, keyspace %s", ",".join(self.settings.contact_points),
+                 self.settings.keyspace)  # fmt: skip
+
+    @property
+    def connected(self) -> bool:
+        return self._session is not None
+
     async def _register_generation(self) -> None:
         """Refuse a generation that would write into the void; record this one and its topic."""
         keyspace = self.settings.keyspace
@@ -536,11 +554,12 @@ class ScyllaAggregateWriter:
         writes: timestamps as epoch milliseconds, no datetime (a third of a windows read's CPU)."""
         if self._session is None:
             raise RetriableSinkError("ScyllaDB is not connected yet")
-        encoder = self._reads.get(name)
-        if encoder is None:
-            prepared = await asyncio.to_thread(self._session.prepare, template.format(keyspace=self.settings.keyspace))
-            encoder = self._reads[name] = RowEncoder(prepared)
         try:
+            encoder = self._reads.get(name)
+            if encoder is None:
+                prepare = self._session.prepare
+                prepared = await asyncio.to_thread(prepare, template.format(keyspace=self.settings.keyspace))
+                encoder = self._reads[name] = RowEncoder(prepared)
             return list(await self._execute(encoder.bound(params)))
         except Exception as exc:
             raise classify(exc) from exc

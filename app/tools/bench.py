@@ -16,6 +16,8 @@ Phases, each on data produced once before any is timed:
                200 to 100,000 devices (``--sweep-devices``), and once more at 20,000 without
                ScyllaDB, for ScyllaDB's share of the CPU. With many devices a message touches
                aggregate rows and a device state of its own instead of folding into a few.
+               Last, the smallest point again while ``millstream api`` answers lookups about
+               its devices from the same ScyllaDB, on and off in phases (ApiLoad).
 
 Rates are timed from the first scrape that sees progress to the scrape that sees the last
 message, so start-up (group join, table recovery, sink DDL) is not counted for anyone.
@@ -42,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from app.tools.broker import EmbeddedBroker, create_topics, free_port, stop_process
-from app.tools.local import LocalWorker, cpu_seconds, histogram_quantile, metric_value, rss_mb
+from app.tools.local import LocalWorker, WorkerChild, cpu_seconds, histogram_quantile, metric_value, rss_mb
 from app.tools.simulator import Simulator, send_paced
 
 POLL_S = 0.25  # worker /metrics scrapes: each costs the worker a little CPU
@@ -439,8 +441,8 @@ class Bench:
     def _pipeline(
         self, phase: str, topic: str, total: int, query_devices: list[str] | None = None, **settings: str
     ) -> tuple[RateClock, str, list[float]]:
-        """A worker from ready to every message acked; with ``query_devices``, a client queries the
-        lookup API about them meanwhile (ApiLoad)."""
+        """A worker from ready to every message acked; with ``query_devices``, clients query
+        ``millstream api`` about them meanwhile (ApiLoad)."""
         worker = self._worker(phase, topic, **settings)
         clock = RateClock(total=total)
 
@@ -449,24 +451,39 @@ class Bench:
             batch_cpu = metric_value(text, "millstream_batch_cpu_seconds_sum")
             clock.samples.append((now, acked, batch_cpu))
 
-        client = ApiLoad(worker, query_devices) if query_devices else None
+        api = self._api(phase, worker) if query_devices else None
+        client = ApiLoad(api, query_devices) if api is not None and query_devices else None
         try:
             clock.ready = _wait_ready(lambda: worker.get("/readyz")[0] == 200, worker.check_alive, 300)
             clock.cpu_ready = cpu_seconds(worker.pid)
-            if client is not None:
+            if client is not None and api is not None:
+                api.start()  # the worker made the keyspace; the API reads what it writes
+                api.wait_ready(60)
                 client.start()
             text = worker.wait_acked(total, timeout=900, progress=self.say, on_poll=on_poll, interval=POLL_S)
             clock.done = time.monotonic()
             clock.cpu_done = cpu_seconds(worker.pid)
-            if client is not None:
+            if client is not None and api is not None:
                 client.stop()
-                clock.query_cpu_us = query_cost(worker, client.devices)
+                clock.query_cpu_us = query_cost(api, client.devices)
         finally:
             if client is not None:
                 client.stop()
+            if api is not None:
+                api.stop()
             worker.stop()
         clock.api = client
         return clock, text, [mb for _done, mb in clock.rss]
+
+    def _api(self, phase: str, worker: LocalWorker) -> WorkerChild:
+        """``millstream api`` over the worker's ScyllaDB, as deploy/ runs it beside the workers
+        (components/lookup-api); started once the worker is ready."""
+        port = free_port()
+        settings = {**worker.settings, "MILLSTREAM_API__WEB_PORT": str(port)}
+        api = WorkerChild(name=f"{phase}-api", log_path=self.workdir / f"{phase}-api.log", web_port=port,
+                          settings=settings, command="api")  # fmt: skip
+        self.children.append(api.stop)
+        return api
 
     def _latency(self, rate: float) -> tuple[str, list[float]]:
         o = self.options
@@ -556,12 +573,14 @@ class Bench:
                 (on[scaling]["cpu_us_per_msg"] - off["cpu_us_per_msg"]) / rows_at_scaling, 1
             ) if rows_at_scaling else 0.0,
             "memory_per_device_bytes": round(per_device),
-            # One worker's ingestion with lookup API queries against without them (issue 15).
+            # One worker's ingestion while millstream api answers lookups beside it, against
+            # without them (issue 15).
             "api_query_point": queried,
             "api_load_ratio": _ratio(queried["msgs_per_s_with_queries"], queried["msgs_per_s_without"]),
             "api_load_cpu_ratio": _ratio(queried["cpu_us_per_msg_without"], queried["cpu_us_per_msg_with_queries"]),
-            # The same from the cost of one query on the idle worker: the share of the worker's
-            # ingestion CPU (without queries) that API_QUERIES_PER_S queries would take.
+            # What the queries cost millstream api (its CPU per query, measured alone after the
+            # run), as a share of the worker's ingestion CPU without queries: what API pods
+            # take beside the workers at API_QUERIES_PER_S queries a second.
             "api_cpu_us_per_query": queried["api_cpu_us_per_query"],
             "api_cpu_share": _ratio(
                 queried["api_cpu_us_per_query"] * API_QUERIES_PER_S,
@@ -624,7 +643,7 @@ class Bench:
 
 
 API_PATHS = ("/latest", "/windows?metric=temperature&limit=100")  # the queries' mix
-API_COST_QUERIES = 300  # queries timed on the idle worker
+API_COST_QUERIES = 300  # queries timed on millstream api once the worker is done
 # The query-load point's clients query for about this long, then pause, and so on: several
 # batches each (a batch's messages are acked at once, so short phases measure batch boundaries).
 API_PHASE_S = 4.0
@@ -633,17 +652,17 @@ API_WARMUP_S = 3.0  # its first seconds, without queries, count for neither side
 
 
 class ApiLoad:
-    """Lookup API clients in threads of the bench, API_CLIENTS of them, each over a connection
-    it keeps and on a schedule of its own, together API_QUERIES_PER_S queries a second about
+    """Lookup API clients in threads of the bench, API_CLIENTS of them, asking ``api`` (millstream
+    api beside the worker, as deploy/ runs it), each over a connection it keeps and on a schedule
+    of its own, together API_QUERIES_PER_S queries a second about
     ``devices`` in one phase, none in the next, and so on: one worker's ingestion is compared
     with and without queries (:func:`phase_split`), without the differences between two
     workers' runs. The phases come in blocks of on, off, off, on (:func:`phase_switches`), so
     that a drift over the run (the worker's CPU per message grows as its state and stores do)
-    falls on both sides alike. Several clients, as an API has: one waits for each answer, and
-    an answer waits for the batch the event loop is on."""
+    falls on both sides alike. Several clients, as an API has: one waits for each answer."""
 
-    def __init__(self, worker: LocalWorker, devices: list[str]) -> None:
-        self.worker, self.devices = worker, devices
+    def __init__(self, api: WorkerChild, devices: list[str]) -> None:
+        self.api, self.devices = api, devices
         self.switches: list[float] = []  # when queries go on, off, on, ... (from start())
         self.answered = self.errors = 0
         self._lock = threading.Lock()
@@ -669,7 +688,7 @@ class ApiLoad:
         return self.switches[: max(bisect.bisect_right(self.switches, until), 1)]
 
     def _run(self, n: int) -> None:
-        rng, api, every = random.Random(5 + n), self.worker.client(), API_CLIENTS / API_QUERIES_PER_S
+        rng, api, every = random.Random(5 + n), self.api.client(), API_CLIENTS / API_QUERIES_PER_S
         offset = every * n / API_CLIENTS  # the clients' schedules interleave
         due = self.switches[0] + offset
         try:
@@ -713,7 +732,7 @@ def phase_switches(start: float, seconds: float, rng: random.Random) -> list[flo
 
 
 def api_figures(clock: RateClock) -> dict[str, Any]:
-    """The query-load point's figures: the client's, the phases', the idle worker's per query."""
+    """The query-load point's figures: the client's, the phases', millstream api's per query."""
     assert clock.api is not None
     api = clock.api
     switches = api.switched(clock.done)
@@ -739,7 +758,7 @@ def api_summary(row: dict[str, Any]) -> str:
     return (f"    with queries {shown('msgs_per_s_with_queries')} msgs/s, {shown('cpu_us_per_msg_with_queries')} µs "
             f"CPU/msg ({row['api_queries_per_s']} queries/s); without {shown('msgs_per_s_without')} msgs/s, "
             f"{shown('cpu_us_per_msg_without')} µs CPU/msg; {row['api_phases']} phases; "
-            f"{row['api_cpu_us_per_query']} µs CPU per query on the idle worker")  # fmt: skip
+            f"{row['api_cpu_us_per_query']} µs CPU per query in millstream api")  # fmt: skip
 
 
 def _rounded(value: float, digits: int) -> float | None:
@@ -793,8 +812,8 @@ def phase_split(samples: list[tuple[float, float, float]], switches: list[float]
     }
 
 
-def query_cost(worker: LocalWorker, devices: list[str]) -> float:
-    """µs of the worker's CPU per lookup API query (the mix of API_PATHS) once it has nothing
+def query_cost(worker: WorkerChild, devices: list[str]) -> float:
+    """µs of a process's CPU per lookup API query (the mix of API_PATHS) once it has nothing
     else to do: its CPU over the queries, less what it spends idle over the same time."""
     time.sleep(1.0)  # the last commits and writes settle
     started, idle_from = time.monotonic(), cpu_seconds(worker.pid)

@@ -83,9 +83,10 @@ class WorkerChild:
 
     def __init__(
         self, *, name: str, log_path: Path, settings: Mapping[str, str], web_port: int,
-        cwd: Path | None = None, new_session: bool = False,
+        cwd: Path | None = None, new_session: bool = False, command: str = "worker",
     ) -> None:  # fmt: skip
-        self.name, self.log_path, self.web_port = name, log_path, web_port
+        """``command``: worker, or api (``millstream api``, which has the same pages to watch)."""
+        self.name, self.log_path, self.web_port, self.command = name, log_path, web_port, command
         self.settings = dict(settings)  # full variable names, MILLSTREAM_...
         self.cwd, self.new_session = cwd, new_session
         self.proc: subprocess.Popen[bytes] | None = None
@@ -101,14 +102,14 @@ class WorkerChild:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "worker"], env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "app.cli", self.command], env=self.env(), stdout=log, stderr=subprocess.STDOUT,
                 cwd=self.cwd, start_new_session=self.new_session,
             )  # fmt: skip
 
     def check_alive(self) -> None:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise RuntimeError(f"the worker exited with {self.proc.returncode}; see {self.log_path}")
+            raise RuntimeError(f"the {self.command} exited with {self.proc.returncode}; see {self.log_path}")
 
     def get(self, path: str) -> tuple[int, str]:
         try:
@@ -134,7 +135,7 @@ class WorkerChild:
             except OSError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"the worker was not ready within {timeout:.0f}s; see {self.log_path}")
+        raise RuntimeError(f"the {self.command} was not ready within {timeout:.0f}s; see {self.log_path}")
 
     def wait_acked(
         self,

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from app import metrics as millstream_metrics
+from app.settings import ApiSettings
 from tests.support.helpers import ROOT, run_cli
 from tests.support.kustomize import render
 
@@ -134,6 +135,7 @@ def _layouts(tmp_path: Path) -> dict[str, Path]:
         "base": DEPLOY / "base", "msk": DEPLOY / "overlays" / "msk", "msk-iam": DEPLOY / "overlays" / "msk-iam",
         "base+hpa": _base_with(tmp_path, "hpa"),
         "base+mqtt-bridge": _base_with(tmp_path, "mqtt-bridge"),
+        "base+lookup-api": _base_with(tmp_path, "lookup-api"),
     }  # fmt: skip
 
 
@@ -164,7 +166,9 @@ def test_schema_validation_catches_a_broken_manifest() -> None:
 
 
 def _by_kind(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {d["kind"]: d for d in docs}
+    """The workers' objects by kind (not those of the bridge or the lookup API components)."""
+    apart = ("millstream-api", "millstream-bridge")
+    return {d["kind"]: d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/name") not in apart}
 
 
 def test_manifests_hang_together() -> None:
@@ -254,6 +258,36 @@ def test_the_bridge_component_hangs_together(tmp_path: Path) -> None:
     result = _settings_check({**config, **secret, **bridge_env})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["bridge"]["client_id"] == "b-0"
+
+
+def test_the_lookup_api_component_hangs_together() -> None:
+    """What the production overlays run: millstream api pods apart from the workers."""
+    for overlay in ("msk", "msk-iam"):
+        docs = render(DEPLOY / "overlays" / overlay)
+        api = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "millstream-api")
+        worker = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "millstream")
+        container = api["spec"]["template"]["spec"]["containers"][0]
+        assert container["image"] == worker["spec"]["template"]["spec"]["containers"][0]["image"]
+        assert container["args"] == ["api"]
+        config = _by_kind(docs)["ConfigMap"]["data"]
+        port = int(config.get("MILLSTREAM_API__WEB_PORT", ApiSettings().web_port))
+        assert [p["containerPort"] for p in container["ports"]] == [port]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert config.get("MILLSTREAM_SCYLLA__ENABLED", "true") == "true"  # millstream api refuses to start without
+        # The API's Service and ServiceMonitor find its pods and only them; the workers' find none of them.
+        api_labels, worker_labels = (
+            api["spec"]["template"]["metadata"]["labels"],
+            worker["spec"]["template"]["metadata"]["labels"],
+        )
+        for doc in docs:
+            if doc["kind"] not in ("Service", "PodDisruptionBudget", "ServiceMonitor"):
+                continue
+            wanted = doc["spec"]["selector"]
+            wanted = wanted.get("matchLabels", wanted)
+            ours = doc["metadata"]["name"] == "millstream-api"
+            assert (wanted.items() <= api_labels.items()) == ours, (overlay, doc["kind"], doc["metadata"]["name"])
+            assert not (ours and wanted.items() <= worker_labels.items())
+        assert api["metadata"]["namespace"] == "millstream"
 
 
 def test_settings_check_catches_a_misspelt_variable() -> None:

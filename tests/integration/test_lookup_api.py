@@ -4,17 +4,24 @@ ScyllaDB off, from the worker's own table; both checked against the independent 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from app.tools.local import WorkerChild, metric_value
 from models.times import MAX_MS, MIN_MS
 from tests.support.audit import simulate, wait_until_complete
+from tests.support.cql import CqlServer
+from tests.support.helpers import ROOT, run_cli
 from tests.support.oracle import expected
+from tests.support.servers import free_port
 from tests.support.world import World, produce
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.cql, pytest.mark.timeout(300)]
@@ -46,23 +53,42 @@ def start_ms(iso: str) -> int:
     return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
 
 
-@pytest.mark.parametrize("source", ["scylla", "table"])
+def start_api(world: World) -> WorkerChild:
+    """``millstream api`` with the workers' settings (what deploy/base/api.yaml runs), stopped at exit."""
+    port = free_port()
+    api = WorkerChild(
+        name="api", log_path=world.workdir / "api.log", web_port=port, cwd=ROOT, command="api",
+        settings=world.settings(MILLSTREAM_API__WEB_PORT=str(port), MILLSTREAM_WEB_HOST="127.0.0.1"),
+    )  # fmt: skip
+    api.start()
+    atexit.register(api.stop, 5)
+    return api
+
+
+@pytest.mark.parametrize("source", ["scylla", "table", "api"])
 def test_the_api_answers_what_was_aggregated(world: World, source: str) -> None:
+    """``api``: from ScyllaDB through ``millstream api``, a process apart from the worker."""
     traffic, log = simulate(3000, seed=51, devices=20)
-    worker = world.start_worker(**({} if source == "scylla" else {"MILLSTREAM_SCYLLA__ENABLED": "false"}))
+    worker = world.start_worker(**({"MILLSTREAM_SCYLLA__ENABLED": "false"} if source == "table" else {}))
     worker.wait_ready()
     sent = asyncio.run(produce(world.broker.bootstrap, world.topic, traffic))
     wait_until_complete(world, log, sent)
+    port = worker.web_port
+    if source == "api":
+        worker.stop()  # the answers cannot come from the worker
+        api = start_api(world)
+        api.wait_ready(30)
+        port, source = api.web_port, "scylla"
     want = expected(log.readings)
     devices = sorted({r.device_id for r in log.readings})[:5]
     for device in devices:
-        status, latest = get(worker.web_port, f"/devices/{device}/latest")
+        status, latest = get(port, f"/devices/{device}/latest")
         assert status == 200 and latest["source"] == source, latest
         wanted = {m: v for (d, m), (v, _ms) in want.latest.items() if d == device}
         assert {m: x["value"] for m, x in latest["metrics"].items()} == wanted
         metric = sorted(wanted)[0]
         for size in (60, 3600):
-            windows = all_windows(worker.web_port, device, metric, size)
+            windows = all_windows(port, device, metric, size)
             starts = [start_ms(w["start"]) for w in windows]
             assert starts == sorted(set(starts), reverse=True)  # newest first, each once across pages
             expected_starts = {s for (d, m, z, s) in want.windows if (d, m, z) == (device, metric, size)}
@@ -77,14 +103,67 @@ def test_the_api_answers_what_was_aggregated(world: World, source: str) -> None:
     # The widest bounds the API takes, years 1 to 9999; 16-digit epoch milliseconds past them
     # are a 400 naming the parameter (they were a 500: the reads went through datetime).
     device, metric = devices[0], sorted(m for (d, m) in want.latest if d == devices[0])[0]
-    every = [w["start"] for w in all_windows(worker.web_port, device, metric, 60)]
+    every = [w["start"] for w in all_windows(port, device, metric, 60)]
     path = f"/devices/{device}/windows?metric={metric}&size=60&limit=1000"
-    status, body = get(worker.web_port, f"{path}&from={MIN_MS}&to={MAX_MS}")
+    status, body = get(port, f"{path}&from={MIN_MS}&to={MAX_MS}")
     assert status == 200 and [w["start"] for w in body["windows"]] == every, body
     for bad in ("from=-9999999999999999", "to=9999999999999999", f"from={MIN_MS - 1}"):
-        status, body = get(worker.web_port, f"{path}&{bad}")
+        status, body = get(port, f"{path}&{bad}")
         assert status == 400 and bad.split("=")[0] in body["error"] and "years 1-9999" in body["error"], body
-    assert get(worker.web_port, "/devices/nobody-at-all/latest")[0] == 404
-    assert get(worker.web_port, "/devices/nobody-at-all/windows?metric=t")[0] == 404
-    status, body = get(worker.web_port, f"/devices/{devices[0]}/windows?metric=t&limit=0")
+    assert get(port, "/devices/nobody-at-all/latest")[0] == 404
+    assert get(port, "/devices/nobody-at-all/windows?metric=t")[0] == 404
+    status, body = get(port, f"/devices/{devices[0]}/windows?metric=t&limit=0")
     assert status == 400 and "limit" in body["error"]
+
+
+def test_millstream_api_needs_scylla_and_says_so_in_one_line() -> None:
+    result = run_cli("api", timeout=60, MILLSTREAM_SCYLLA__ENABLED="false")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "millstream: api: MILLSTREAM_SCYLLA__ENABLED is false; millstream api answers from ScyllaDB (without it, "
+        "each worker answers for its own partitions on MILLSTREAM_WEB_PORT)"
+    ]
+    result = run_cli("api", timeout=60, MILLSTREAM_API__WEB_PORT="0")
+    assert result.returncode == 2 and "MILLSTREAM_API__WEB_PORT" in result.stderr, result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_millstream_api_is_alive_but_not_ready_until_scylla_answers(tmp_path: Path) -> None:
+    scylla_port, port = free_port(), free_port()
+    api = WorkerChild(
+        name="api", log_path=tmp_path / "api.log", web_port=port, cwd=ROOT, command="api",
+        settings={"MILLSTREAM_API__WEB_PORT": str(port), "MILLSTREAM_WEB_HOST": "127.0.0.1",
+                  "MILLSTREAM_SCYLLA__CONTACT_POINTS": "127.0.0.1", "MILLSTREAM_SCYLLA__PORT": str(scylla_port),
+                  "MILLSTREAM_SCYLLA__KEYSPACE": "nothing_here_yet", "MILLSTREAM_SCYLLA__REQUEST_TIMEOUT_S": "2"},
+    )  # fmt: skip
+    api.start()
+    server = None
+    try:
+        deadline = time.monotonic() + 30
+        while not _answers(api, "/healthz") and time.monotonic() < deadline:
+            api.check_alive()
+            time.sleep(0.2)
+        assert api.get("/healthz")[0] == 200
+        status, text = api.get("/readyz")
+        assert status == 503 and "ScyllaDB not connected yet" in text, text
+        status, text = api.get("/devices/sensor-1/latest")
+        assert status == 503 and "ScyllaDB" in json.loads(text)["error"], text
+        server = CqlServer(port=scylla_port).start()  # ScyllaDB comes up: the API connects by itself
+        api.wait_ready(30)
+        status, text = api.get("/devices/sensor-1/windows?metric=t")  # no keyspace yet: no worker has run
+        assert status == 503 and "nothing_here_yet" in json.loads(text)["error"], text
+        assert api.get("/devices/sensor-1/windows?metric=t&size=7")[0] == 400  # checked before any read
+        scrape = api.metrics()
+        assert metric_value(scrape, "millstream_api_requests_total", 'endpoint="latest",status="503"') == 1
+        assert metric_value(scrape, "millstream_api_requests_total", 'endpoint="windows",status="400"') == 1
+    finally:
+        assert api.stop() == 0  # SIGTERM: a clean stop
+        if server is not None:
+            server.stop()
+
+
+def _answers(api: WorkerChild, path: str) -> bool:
+    try:
+        return api.get(path)[0] == 200
+    except OSError:
+        return False
