@@ -38,8 +38,7 @@ class RulesFile:
     def load(self) -> list[Rule]:
         """The rules as the file holds them now; raises RulesError with one line."""
         self._stat = self._stat_of()
-        data = self._read()
-        return self._parse(data, hashlib.sha256(data).digest())
+        return self._parse(*self._read())
 
     def changed(self) -> list[Rule] | None:
         """The file's rules if its bytes changed since the last read, else None; raises
@@ -48,8 +47,7 @@ class RulesFile:
         if stat == self._stat:
             return None
         self._stat = stat
-        data = self._read()
-        digest = hashlib.sha256(data).digest()
+        data, digest = self._read()
         if digest == self._digest:
             return None  # touched, or rewritten with the same rules
         return self._parse(data, digest)
@@ -61,12 +59,14 @@ class RulesFile:
             return None
         return st.st_mtime_ns, st.st_size, st.st_ino
 
-    def _read(self) -> bytes:
+    def _read(self) -> tuple[bytes, bytes]:
+        """The file's bytes and their digest, from one read."""
         try:
-            return read_rules_file(self.path)
+            data = read_rules_file(self.path)
         except RulesError:
             self._digest = None  # its return, even unchanged, is read again
             raise
+        return data, hashlib.sha256(data).digest()
 
     def _parse(self, data: bytes, digest: bytes) -> list[Rule]:
         self._digest = digest  # before parsing: a file that does not pass is refused once per change

@@ -188,7 +188,11 @@ class ClickHouseSettings(_Group):
     )  # fmt: skip
     table: str = Field("telemetry_raw", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Raw rows table.")
     batch_rows: int = Field(100_000, ge=1, le=10_000_000, description="Rows per insert at most.")
-    flush_interval_s: float = Field(1.0, gt=0, le=600, description="Flush at least this often.")
+    flush_interval_s: float = Field(
+        0.5, gt=0, le=600,
+        description="A batch goes at most this long after its first message arrived, full or not: bounds the "
+        "latency below the full rate (p99 about 1 s at half of it); raise it for fewer, larger inserts.",
+    )  # fmt: skip
     connect_timeout_s: float = Field(10.0, gt=0, le=600, description="Connect timeout.")
     query_timeout_s: float = Field(30.0, gt=0, le=3600, description="Timeout of one insert or query.")
 
@@ -369,7 +373,10 @@ class PipelineSettings(_Group):
     """How the ingest agent batches and how long it retries a failing sink."""
 
     batch_messages: int = Field(
-        5000, ge=1, le=1_000_000, description="Messages per batch at most (flushed at least every flush_interval_s)."
+        5000,
+        ge=1,
+        le=1_000_000,
+        description="Messages per batch at most (flushed at least every MILLSTREAM_CLICKHOUSE__FLUSH_INTERVAL_S).",
     )
     batch_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, le=1024**3,
