@@ -14,6 +14,9 @@ setting faust gives no way to reach:
 - :func:`configure_producer`: a produce request times out after the broker request timeout
   instead of faust's 1200 s, and the producer's metadata keeps every topic millstream writes
   to (aiokafka otherwise narrows it to the last topic a send found missing).
+- :func:`producer_buffer_holds`: faust's producer buffer stops the streams while more than
+  100 records wait in it; a batch writes up to one changelog record per message, so the bound
+  is two batches' worth.
 - :func:`spinner_only_on_a_terminal`: at log level warning or error faust's worker shows a
   progress spinner fed by every log record, so it lowers the root logger to DEBUG: each debug
   call in faust and aiokafka then builds a record (one per changelog send; 8% of a worker's CPU
@@ -95,6 +98,19 @@ def configure_producer(request_timeout_s: float, topics: Callable[[Any], Iterabl
 
     producer_class._millstream_original_new = original
     producer_class._new_producer = new_producer
+
+
+def producer_buffer_holds(records: int) -> None:
+    """faust's producer buffer holds up the conductor, and with it every stream, while more
+    than 100 records wait in it (``ProducerBuffer.wait_until_ebb``), to bound the records a
+    stream's table writes can queue. A millstream batch writes one changelog record per device
+    it touched, up to a batch's messages, and waits for them all before it is committed, so the
+    stream stopped for 0.1-0.16 s after every batch (the log's "producer buffer full"), and the
+    messages arriving meanwhile waited that much longer. The bound becomes ``records``: what
+    the two batches in memory at most can queue."""
+    from faust.transport.producer import ProducerBuffer
+
+    ProducerBuffer.max_messages = records
 
 
 async def _lean_drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - the fetch loop

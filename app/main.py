@@ -122,14 +122,22 @@ def create_app(settings: Settings) -> faust.App:
         # await each (see app/faust_patches.py for what millstream changes itself).
         cython_optimizations=True,
     )
-    faust_patches.set_fetch_max_wait(kafka.fetch_max_wait_ms)
-    faust_patches.configure_producer(kafka.request_timeout_s, lambda app: produced_topics(app, settings))
-    faust_patches.install_lean_drain()
-    faust_patches.spinner_only_on_a_terminal()
-    app.monitor = faust_patches.FaustSensor(metrics=faust_patches.faust_metrics())
+    patch_faust(app, settings)
     app.millstream_settings = settings  # type: ignore[attr-defined]
     app.millstream_pipeline = compose(app, settings)  # type: ignore[attr-defined]
     return app
+
+
+def patch_faust(app: faust.App, settings: Settings) -> None:
+    """What millstream changes in faust's behaviour (app/faust_patches.py says why each)."""
+    kafka = settings.kafka
+    faust_patches.set_fetch_max_wait(kafka.fetch_max_wait_ms)
+    faust_patches.configure_producer(kafka.request_timeout_s, lambda app: produced_topics(app, settings))
+    faust_patches.install_lean_drain()
+    # two batches' changelog records, one per device each at most, plus the DLQ progress
+    faust_patches.producer_buffer_holds(2 * settings.pipeline.batch_messages + 100)
+    faust_patches.spinner_only_on_a_terminal()
+    app.monitor = faust_patches.FaustSensor(metrics=faust_patches.faust_metrics())
 
 
 def compose(app: faust.App, settings: Settings) -> Pipeline:

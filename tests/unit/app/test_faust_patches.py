@@ -97,3 +97,35 @@ def test_the_sensor_with_cached_label_children_counts_what_fausts_counts() -> No
     assert ("faust_topic_messages_sent_total", (("topic", "topic.devices-changelog"),), 5.0) in samples(ours)
     assert cached.messages_sent == plain.messages_sent == 10
     assert cached.tp_end_offsets == plain.tp_end_offsets
+
+
+async def test_the_producer_buffer_stops_the_streams_only_past_the_records_it_holds() -> None:
+    """faust stops every stream while more than 100 records wait in its producer buffer
+    (wait_until_ebb); a batch of 5,000 messages from 5,000 devices queues 5,000 changelog
+    records, so the stream stopped after each batch. The bound is now what it is given."""
+    from types import SimpleNamespace
+
+    from faust.transport.producer import ProducerBuffer
+
+    original = ProducerBuffer.max_messages
+    assert original == 100  # faust's own bound, which the patch replaces
+    try:
+        faust_patches.producer_buffer_holds(500)
+        buffer = ProducerBuffer()  # not started: nothing drains it
+        buffer.app = SimpleNamespace(conf=SimpleNamespace(producer_threaded=False))  # type: ignore[assignment]
+        flushes: list[int | None] = []
+
+        async def flush_atmost(max_messages: int | None) -> int:  # what stops the stream
+            flushes.append(max_messages)
+            return 0
+
+        buffer.flush_atmost = flush_atmost  # type: ignore[method-assign]
+        for record in range(500):
+            buffer.put(record)  # type: ignore[arg-type]
+        await buffer.wait_until_ebb()
+        assert flushes == []  # 500 records wait: the stream goes on (faust's 100 would have stopped it)
+        buffer.put(500)  # type: ignore[arg-type]
+        await buffer.wait_until_ebb()
+        assert flushes == [500]  # past the bound it waits, as faust does
+    finally:
+        ProducerBuffer.max_messages = original
