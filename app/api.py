@@ -3,8 +3,8 @@ of its own, apart from the workers (docs/api.md).
 
 A worker answers the same requests on its web port, but there every ScyllaDB read crosses
 between the worker's event loop and the driver's I/O thread while the loop is busy with batches,
-and that contention, not the answer itself, cost ingestion about a fifth of its CPU per message
-at 50 queries a second (docs/performance.md). This process holds no state and needs none of
+and that contention, not the answer itself, cost ingestion 27-34 % more CPU per message at 50
+queries a second (docs/performance.md). This process holds no state and needs none of
 the worker's: any replica answers for any device, it scales apart from the consumers
 (deploy/base/api.yaml), and a burst of queries cannot slow ingestion down.
 
