@@ -118,7 +118,7 @@ tests:
           - exp_labels: {{severity: warning}}
             exp_annotations:
               summary: "More than 5 % of lookup API answers are errors"
-              description: "Mostly ScyllaDB not answering the reads (the answers say so; docs/api.md). Workers' ingestion is unaffected."
+              description: "Mostly ScyllaDB not answering the reads (docs/api.md); ingestion is unaffected."
 """
 
 
