@@ -6,7 +6,7 @@ between the worker's event loop and the driver's I/O thread while the loop is bu
 and that contention, not the answer itself, cost ingestion 27-34 % more CPU per message at 50
 queries a second (docs/performance.md). This process holds no state and needs none of
 the worker's: any replica answers for any device, it scales apart from the consumers
-(deploy/base/api.yaml), and a burst of queries cannot slow ingestion down.
+(deploy/components/lookup-api), and a burst of queries cannot slow ingestion down.
 
 It connects with the workers' ``MILLSTREAM_SCYLLA__*`` settings, runs no DDL and registers no
 write generation (the workers own the schema). Until ScyllaDB answers it is alive but not ready

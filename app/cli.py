@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from app.settings import Settings, SettingsError, load_settings, settings_doc, settings_markdown
@@ -348,10 +348,36 @@ def _worker_command(faust_args: list[str]) -> int:
     return 0
 
 
-def _bridge_command() -> int:
+def _serve_until_signalled(
+    name: str, serve: Callable[[Settings, Any], Awaitable[None]], settings: Settings, quiet: tuple[str, int],
+    refusals: tuple[type[Exception], ...] = (),
+) -> int:  # fmt: skip
+    """``serve(settings, stop)`` with the service's logging until SIGTERM or SIGINT sets ``stop``;
+    ``quiet``: a library logger and its level (the service logs that library's reconnects itself).
+    The web port not to be had (OSError), or one of ``refusals``, is one line and exit 2."""
     import asyncio
     import logging
     import signal
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger(quiet[0]).setLevel(quiet[1])
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        await serve(settings, stop)
+
+    caught: tuple[type[Exception], ...] = (OSError, *refusals)
+    try:
+        asyncio.run(run())
+    except caught as exc:
+        return _fail(f"{name}: {exc}")
+    return 0
+
+
+def _bridge_command() -> int:
+    import logging
 
     try:
         settings = load_settings()
@@ -362,26 +388,11 @@ def _bridge_command() -> int:
         return _fail(refused)
     from app.bridge import serve
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the bridge logs its own reconnects
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-        await serve(settings, stop)
-
-    try:
-        asyncio.run(run())
-    except OSError as exc:  # the web port taken, say
-        return _fail(f"bridge: {exc}")
-    return 0
+    return _serve_until_signalled("bridge", serve, settings, ("aiokafka", logging.CRITICAL))
 
 
 def _api_command() -> int:
-    import asyncio
     import logging
-    import signal
 
     try:
         settings = load_settings()
@@ -393,22 +404,7 @@ def _api_command() -> int:
     from app.api import serve
     from sinks.base import FatalSinkError
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("cassandra").setLevel(logging.ERROR)  # the API logs its own reconnects
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-        await serve(settings, stop)
-
-    try:
-        asyncio.run(run())
-    except OSError as exc:  # the web port taken, say
-        return _fail(f"api: {exc}")
-    except FatalSinkError as exc:
-        return _fail(f"api: {exc}")
-    return 0
+    return _serve_until_signalled("api", serve, settings, ("cassandra", logging.ERROR), (FatalSinkError,))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,8 +7,9 @@ answer says so). Parameters are checked before anything is read: a bad one is a 
 message naming it; an unknown device a 404. Output is bounded: ``limit`` (default 100, at most
 1000) windows per answer, newest first, with ``next`` naming the request for the page before.
 
-Reads are single-partition queries (ScyllaDB) or one key (the table): each costs the event loop
-a few hundred microseconds, like a batch's slice of work, so queries do not stall ingestion.
+Reads are single-partition queries (ScyllaDB) or one key (the table). In a worker that is
+ingesting, each ScyllaDB read's crossings to the driver's I/O thread slow ingestion (docs/api.md,
+Cost), so production answers lookups from ``millstream api`` (app/api.py) instead.
 """
 
 from __future__ import annotations

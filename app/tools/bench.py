@@ -105,7 +105,7 @@ class RateClock:
     cpu_done: float = math.nan
     # (time, messages acked, sum of the worker's batch CPU seconds), for phase_split
     samples: list[tuple[float, float, float]] = field(default_factory=list)
-    query_cpu_us: float = math.nan  # the worker's CPU per query once idle (the query-load point)
+    query_cpu_us: float = math.nan  # millstream api's CPU per query, measured alone (the query-load point)
     api: ApiLoad | None = None  # the lookup API client of the query-load point
 
     def rate(self) -> float:
@@ -451,26 +451,24 @@ class Bench:
             batch_cpu = metric_value(text, "millstream_batch_cpu_seconds_sum")
             clock.samples.append((now, acked, batch_cpu))
 
-        api = self._api(phase, worker) if query_devices else None
-        client = ApiLoad(api, query_devices) if api is not None and query_devices else None
+        client = ApiLoad(self._api(phase, worker), query_devices) if query_devices else None
         try:
             clock.ready = _wait_ready(lambda: worker.get("/readyz")[0] == 200, worker.check_alive, 300)
             clock.cpu_ready = cpu_seconds(worker.pid)
-            if client is not None and api is not None:
-                api.start()  # the worker made the keyspace; the API reads what it writes
-                api.wait_ready(60)
+            if client is not None:
+                client.api.start()  # the worker made the keyspace; the API reads what it writes
+                client.api.wait_ready(60)
                 client.start()
             text = worker.wait_acked(total, timeout=900, progress=self.say, on_poll=on_poll, interval=POLL_S)
             clock.done = time.monotonic()
             clock.cpu_done = cpu_seconds(worker.pid)
-            if client is not None and api is not None:
+            if client is not None:
                 client.stop()
-                clock.query_cpu_us = query_cost(api, client.devices)
+                clock.query_cpu_us = query_cost(client.api, client.devices)
         finally:
             if client is not None:
                 client.stop()
-            if api is not None:
-                api.stop()
+                client.api.stop()
             worker.stop()
         clock.api = client
         return clock, text, [mb for _done, mb in clock.rss]

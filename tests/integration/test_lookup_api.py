@@ -53,12 +53,13 @@ def start_ms(iso: str) -> int:
     return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
 
 
-def start_api(world: World) -> WorkerChild:
-    """``millstream api`` with the workers' settings (what deploy/base/api.yaml runs), stopped at exit."""
+def start_api(workdir: Path, settings: dict[str, str]) -> WorkerChild:
+    """``millstream api`` with these settings on a port of its own (what
+    deploy/components/lookup-api runs beside the workers), stopped at exit."""
     port = free_port()
     api = WorkerChild(
-        name="api", log_path=world.workdir / "api.log", web_port=port, cwd=ROOT, command="api",
-        settings=world.settings(MILLSTREAM_API__WEB_PORT=str(port), MILLSTREAM_WEB_HOST="127.0.0.1"),
+        name="api", log_path=workdir / "api.log", web_port=port, cwd=ROOT, command="api",
+        settings={**settings, "MILLSTREAM_API__WEB_PORT": str(port), "MILLSTREAM_WEB_HOST": "127.0.0.1"},
     )  # fmt: skip
     api.start()
     atexit.register(api.stop, 5)
@@ -76,7 +77,7 @@ def test_the_api_answers_what_was_aggregated(world: World, source: str) -> None:
     port = worker.web_port
     if source == "api":
         worker.stop()  # the answers cannot come from the worker
-        api = start_api(world)
+        api = start_api(world.workdir, world.settings())
         api.wait_ready(30)
         port, source = api.web_port, "scylla"
     want = expected(log.readings)
@@ -129,14 +130,11 @@ def test_millstream_api_needs_scylla_and_says_so_in_one_line() -> None:
 
 @pytest.mark.timeout(120)
 def test_millstream_api_is_alive_but_not_ready_until_scylla_answers(tmp_path: Path) -> None:
-    scylla_port, port = free_port(), free_port()
-    api = WorkerChild(
-        name="api", log_path=tmp_path / "api.log", web_port=port, cwd=ROOT, command="api",
-        settings={"MILLSTREAM_API__WEB_PORT": str(port), "MILLSTREAM_WEB_HOST": "127.0.0.1",
-                  "MILLSTREAM_SCYLLA__CONTACT_POINTS": "127.0.0.1", "MILLSTREAM_SCYLLA__PORT": str(scylla_port),
-                  "MILLSTREAM_SCYLLA__KEYSPACE": "nothing_here_yet", "MILLSTREAM_SCYLLA__REQUEST_TIMEOUT_S": "2"},
-    )  # fmt: skip
-    api.start()
+    scylla_port = free_port()
+    api = start_api(tmp_path, {"MILLSTREAM_SCYLLA__CONTACT_POINTS": "127.0.0.1",
+                               "MILLSTREAM_SCYLLA__PORT": str(scylla_port),
+                               "MILLSTREAM_SCYLLA__KEYSPACE": "nothing_here_yet",
+                               "MILLSTREAM_SCYLLA__REQUEST_TIMEOUT_S": "2"})  # fmt: skip
     server = None
     try:
         deadline = time.monotonic() + 30
