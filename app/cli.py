@@ -404,7 +404,7 @@ def _api_command() -> int:
     from app.api import serve
     from sinks.base import FatalSinkError
 
-    return _serve_until_signalled("api", serve, settings, ("cassandra", logging.ERROR), (FatalSinkError,))
+    return _serve_until_signalled("api", serve, settings, ("cassandra", logging.CRITICAL), (FatalSinkError,))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
