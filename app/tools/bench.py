@@ -7,12 +7,14 @@ Phases, each on data produced once before any is timed:
                once with faust as installed and once with the faust tuning the worker
                applies (app/faust_patches.py, cython_optimizations, a larger stream buffer);
 3. pipeline  - ``millstream worker`` (decode, validate, windows, sinks, commit after write)
-               reads the same topic;
-4. batched   - a worker reads messages of ``--batch-size`` readings each;
+               reads the same topic, writing raw rows to ClickHouse and aggregates to
+               ScyllaDB (the CQL test server of a checkout, or ``--scylla HOSTS``), as
+               production does;
+4. batched   - a worker reads messages of ``--batch-size`` readings each, to both stores;
 5. latency   - a worker reads a topic fed live at half the pipeline's rate; the producer's
                record timestamp to the ack after both writes, from the worker's histogram;
-6. devices   - the device-count sweep: a worker writing aggregates to ScyllaDB (the CQL test
-               server of a checkout, or ``--scylla HOSTS``) reads single-reading messages from
+6. devices   - the device-count sweep: a worker writing aggregates to the same ScyllaDB reads
+               single-reading messages from
                200 to 100,000 devices (``--sweep-devices``), and once more at 20,000 without
                ScyllaDB, for ScyllaDB's share of the CPU. With many devices a message touches
                aggregate rows and a device state of its own instead of folding into a few.
@@ -244,6 +246,7 @@ class Bench:
         self.rate_hint = 0.0  # msgs/s of the full pipeline (phase 3): sizes the lookup API point
         self.broker = EmbeddedBroker(workdir / "broker.log")
         self.children: list[Callable[[], object]] = []  # what stops each child process
+        self._scylla: list[tuple[str, int] | None] = []  # where aggregates go, once looked up
 
     def _clickhouse_url(self, phase: str) -> str:
         return self.options.clickhouse_url or f"chdb://{self.workdir / ('clickhouse-' + phase)}"
@@ -279,17 +282,22 @@ class Bench:
         self.say(f"    {bare:,.0f} msgs/s; {bare_tuned:,.0f} msgs/s tuned")
         self.say("3/7 the same job in Quix Streams (decode, 1 min and 1 h windows with changelogs, raw rows to chdb)")
         quix = self._quix(bootstrap, o.messages, o.batched_messages * o.batch_size)
-        self.say("4/7 full pipeline, single-reading messages")
-        pipeline_clock, pipeline_text, pipeline_rss = self._pipeline("pipeline", "bench-single", o.messages)
+        aggregates = self._scylla_where()
+        self.say("4/7 full pipeline, single-reading messages, " + _aggregates_to(aggregates))
+        pipeline_clock, pipeline_text, pipeline_rss = self._pipeline(
+            "pipeline", "bench-single", o.messages, scylla_settings(aggregates, "millstream_bench_pipeline")
+        )
         pipeline = self.rate_hint = pipeline_clock.rate()
         self.say(f"    {pipeline:,.0f} msgs/s")
         self.say(f"5/7 full pipeline, {o.batch_size} readings per message")
-        batched_clock, batched_text, batched_rss = self._pipeline("batched", "bench-batched", o.batched_messages)
+        batched_clock, batched_text, batched_rss = self._pipeline(
+            "batched", "bench-batched", o.batched_messages, scylla_settings(aggregates, "millstream_bench_batched")
+        )
         batched_rate = batched_clock.rate() * o.batch_size
         self.say(f"    {batched_rate:,.0f} readings/s")
         live_rate = max(50.0, pipeline / 2) if not math.isnan(pipeline) else 1000.0
         self.say(f"6/7 latency at {live_rate:,.0f} msgs/s for {o.latency_seconds:.0f}s (half the pipeline rate)")
-        latency_text, latency_rss = self._latency(live_rate)
+        latency_text, latency_rss = self._latency(live_rate, **scylla_settings(aggregates, "millstream_bench_live"))
         sweep = self._sweep()
 
         inserts = sum(
@@ -304,8 +312,7 @@ class Bench:
         return {
             "broker": "tansu (bundled, memory storage), same process for every phase",
             "clickhouse": "embedded (chdb)" if o.clickhouse_url is None else o.clickhouse_url,
-            "scylla": "phases 3-5: disabled (aggregates kept in the worker tables); phase 6: "
-            + (o.scylla or "the CQL test server (tests/support/cql), in a process of its own"),
+            "scylla": _aggregates_to(aggregates) + " in every worker phase (4-7)",
             "producer_settings": "production: " + ", ".join(f"{k}={v}" for k, v in PRODUCER_OPTIONS.items()),
             "worker_settings": "defaults (producer batches of 16384 bytes: recovery is not exercised); latency "
             f"phase: MILLSTREAM_KAFKA__FETCH_MAX_WAIT_MS={LATENCY_FETCH_WAIT_MS}",
@@ -331,6 +338,13 @@ class Bench:
             ),
             "batched_process_cpu_us_per_reading": round(batched_clock.cpu_us_per_message() / o.batch_size, 2),
             "batched_readings_per_s": round(batched_rate),
+            # aggregate rows upserted to ScyllaDB per message (0: no ScyllaDB to write to)
+            "pipeline_aggregate_rows_per_msg": round(
+                metric_value(pipeline_text, "millstream_sink_batch_rows_sum", 'sink="scylla"') / o.messages, 3
+            ),
+            "batched_aggregate_rows_per_msg": round(
+                metric_value(batched_text, "millstream_sink_batch_rows_sum", 'sink="scylla"') / o.batched_messages, 3
+            ),
             "pipeline_cpu_msgs_per_s": round(cpu_msgs),
             "pipeline_cpu_readings_per_s": round(cpu_readings),
             "latency_rate_msgs_per_s": round(live_rate),
@@ -439,7 +453,7 @@ class Bench:
         return worker
 
     def _pipeline(
-        self, phase: str, topic: str, total: int, query_devices: list[str] | None = None, **settings: str
+        self, phase: str, topic: str, total: int, settings: dict[str, str], query_devices: list[str] | None = None
     ) -> tuple[RateClock, str, list[float]]:
         """A worker from ready to every message acked; with ``query_devices``, clients query
         ``millstream api`` about them meanwhile (ApiLoad)."""
@@ -483,11 +497,11 @@ class Bench:
         self.children.append(api.stop)
         return api
 
-    def _latency(self, rate: float) -> tuple[str, list[float]]:
+    def _latency(self, rate: float, **settings: str) -> tuple[str, list[float]]:
         o = self.options
         # tansu holds a fetch until its max wait even when records arrive (Kafka answers at
         # once), so a short wait keeps the broker's habit out of millstream's latency.
-        worker = self._worker("latency", "bench-live", KAFKA__FETCH_MAX_WAIT_MS=str(LATENCY_FETCH_WAIT_MS))
+        worker = self._worker("latency", "bench-live", KAFKA__FETCH_MAX_WAIT_MS=str(LATENCY_FETCH_WAIT_MS), **settings)
         try:
             worker.wait_ready()
             time.sleep(2)  # let the group settle and the first fetches start
@@ -504,8 +518,15 @@ class Bench:
             worker.stop()
         return text, samples
 
+    def _scylla_where(self) -> tuple[str, int] | None:
+        """Where every worker phase writes aggregates, looked for (and a test server started)
+        once per bench."""
+        if not self._scylla:
+            self._scylla.append(self._scylla_hosts())
+        return self._scylla[0]
+
     def _scylla_hosts(self) -> tuple[str, int] | None:
-        """Where the sweep writes aggregates: ``--scylla``, else a CQL test server started from
+        """Where the worker phases write aggregates: ``--scylla``, else a CQL test server started from
         the checkout (tests/support/cql); None when neither is there."""
         if self.options.scylla:
             hosts = [h.strip() for h in self.options.scylla.split(",") if h.strip()]
@@ -536,7 +557,7 @@ class Bench:
         points = sorted(set(o.sweep_devices))
         if not points:
             return {}
-        where = self._scylla_hosts()
+        where = self._scylla_where()
         if where is None:
             self.say("7/7 device sweep skipped: no --scylla HOSTS and no CQL test server (tests/ of a checkout)")
             return {"device_sweep": "skipped: needs --scylla HOSTS or a checkout with tests/support/cql"}
@@ -600,17 +621,8 @@ class Bench:
         keys = sorted({key for key, _ in messages})
         touched, sample = len(keys), [key.decode() for key in keys[:: max(1, len(keys) // 200)]]
         del messages
-        settings = {"SCYLLA__ENABLED": "false"}
-        if scylla is not None:
-            hosts, port = scylla
-            settings = {
-                "SCYLLA__ENABLED": "true", "SCYLLA__CONTACT_POINTS": hosts, "SCYLLA__PORT": str(port),
-                # a keyspace per topic: write versions are per topic (docs/migrations.md)
-                "SCYLLA__KEYSPACE": f"millstream_bench_{devices}" + ("_api" if queried else ""),
-                "SCYLLA__REPLICATION_CLASS": "SimpleStrategy",
-                "SCYLLA__REPLICATION_FACTOR": "1", "SCYLLA__CONSISTENCY": "ONE",
-            }  # fmt: skip
-        clock, text, rss = self._pipeline(name, topic, count, sample if queried else None, **settings)
+        settings = scylla_settings(scylla, f"millstream_bench_{devices}" + ("_api" if queried else ""))
+        clock, text, rss = self._pipeline(name, topic, count, settings, sample if queried else None)
         row = {
             "devices": devices,
             "scylla": scylla is not None,
@@ -708,6 +720,26 @@ class ApiLoad:
                     self._stop.wait(due - now)
         finally:
             api.close()
+
+
+def scylla_settings(where: tuple[str, int] | None, keyspace: str) -> dict[str, str]:
+    """A worker's settings to write aggregates to ScyllaDB at ``where`` (hosts, port) in
+    ``keyspace``, one per topic (write versions are per topic: docs/migrations.md); without
+    ScyllaDB when ``where`` is None."""
+    if where is None:
+        return {"SCYLLA__ENABLED": "false"}
+    hosts, port = where
+    return {
+        "SCYLLA__ENABLED": "true", "SCYLLA__CONTACT_POINTS": hosts, "SCYLLA__PORT": str(port),
+        "SCYLLA__KEYSPACE": keyspace, "SCYLLA__REPLICATION_CLASS": "SimpleStrategy",
+        "SCYLLA__REPLICATION_FACTOR": "1", "SCYLLA__CONSISTENCY": "ONE",
+    }  # fmt: skip
+
+
+def _aggregates_to(where: tuple[str, int] | None) -> str:
+    if where is None:
+        return "aggregates kept in the worker's tables (no --scylla HOSTS and no CQL test server)"
+    return f"aggregates to ScyllaDB at {where[0]}:{where[1]}"
 
 
 def phase_switches(start: float, seconds: float, rng: random.Random) -> list[float]:

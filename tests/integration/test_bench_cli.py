@@ -49,6 +49,9 @@ def test_bench_prints_every_figure() -> None:
     assert "pipeline_vs_quix_ratio" in result.stdout and ">= 1" in result.stdout
     for phase in ("1/7", "2/7", "3/7", "4/7", "5/7", "6/7", "7/7"):
         assert f"bench: {phase}" in result.stderr  # progress was shown
+    # Every worker phase writes aggregates to ScyllaDB (the CQL test server), as production does.
+    assert figures["scylla"].startswith("aggregates to ScyllaDB at 127.0.0.1:")
+    assert figures["pipeline_aggregate_rows_per_msg"] > 0 and figures["batched_aggregate_rows_per_msg"] > 0
     # The device sweep: with ScyllaDB (the CQL test server) at 20 and 400 devices, and at 400 without.
     few, many, many_off = figures["device_sweep"]
     assert (few["devices"], many["devices"], many_off["devices"]) == (20, 400, 400)
