@@ -19,14 +19,13 @@ from __future__ import annotations
 import asyncio
 import calendar
 import struct
-import threading
 import time
 from dataclasses import dataclass, field
 
 from aiokafka.protocol.admin import SaslAuthenticateResponse_v0, SaslAuthenticateResponse_v1, SaslHandShakeResponse_v1
 
 from app.msk import decode_token
-from tests.support.servers import free_port
+from tests.support.proxy import LoopbackServer
 from tests.support.world import HARNESS_CLIENT_ID
 
 API_VERSIONS, SASL_HANDSHAKE, SASL_AUTHENTICATE = 18, 17, 36
@@ -70,37 +69,19 @@ class Logins:
     tokens: set[str] = field(default_factory=set)
 
 
-class IamListener:
+class IamListener(LoopbackServer):
     """The proxy, on its own event loop in a daemon thread; ``close()`` stops it."""
 
     def __init__(self, upstream_port: int, region: str, session_s: float, port: int | None = None) -> None:
         self.upstream_port = upstream_port
         self.region = region
         self.session_s = session_s
-        self.port = port or free_port()
         self.logins = Logins()
-        self.loop = asyncio.new_event_loop()
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._server: asyncio.Server | None = None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="iam-listener")
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("IAM listener did not start")
+        super().__init__(port, name="iam-listener")
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self._server = self.loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", self.port))
-        self._ready.set()
-        self.loop.run_forever()
-        for writer in self._writers:
-            writer.transport.abort()
-        self.loop.run_until_complete(asyncio.sleep(0.05))
-        self.loop.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
@@ -161,15 +142,6 @@ class IamListener:
         _respond(writer, correlation, _auth_response(version, 0, None, int(self.session_s * 1000)))
         await writer.drain()
         return True
-
-    def close(self) -> None:
-        def stop() -> None:
-            if self._server is not None:
-                self._server.close()
-            self.loop.stop()
-
-        self.loop.call_soon_threadsafe(stop)
-        self._thread.join(10)
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> bytes:

@@ -1,7 +1,8 @@
-"""A TCP proxy on loopback that can slow a server down: each forwarded chunk waits ``delay_s``.
+"""Servers on loopback that stand between a client and a real server, each on its own event loop.
 
-Stands between a worker and a real server (ClickHouse) to make it slow without touching it.
-Runs its own event loop in a daemon thread; ``close()`` stops it.
+:class:`LoopbackServer` runs the loop in a daemon thread and ``close()`` stops it, cutting the
+connections still open; :class:`DelayProxy` slows a server down (each forwarded chunk waits
+``delay_s``) without touching it; tests/support/msk.py's IAM listener logs clients in first.
 """
 
 from __future__ import annotations
@@ -12,19 +13,24 @@ import threading
 from tests.support.servers import free_port
 
 
-class DelayProxy:
-    def __init__(self, upstream_port: int, delay_s: float = 0.0) -> None:
-        self.upstream_port = upstream_port
-        self.delay_s = delay_s
-        self.port = free_port()
+class LoopbackServer:
+    """A server on 127.0.0.1:``port`` (a free one if None) whose connections :meth:`_client`
+    serves, on an event loop of its own in a daemon thread. Connections to track for ``close()``
+    go in ``_writers``."""
+
+    def __init__(self, port: int | None = None, name: str = "loopback-server") -> None:
+        self.port = port or free_port()
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True, name=name)
         self._thread.start()
         if not self._ready.wait(10):
-            raise RuntimeError("proxy did not start")
+            raise RuntimeError(f"{name} did not start")
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -35,6 +41,22 @@ class DelayProxy:
             writer.transport.abort()
         self.loop.run_until_complete(asyncio.sleep(0.05))
         self.loop.close()
+
+    def close(self) -> None:
+        def stop() -> None:
+            if self._server is not None:
+                self._server.close()
+            self.loop.stop()
+
+        self.loop.call_soon_threadsafe(stop)
+        self._thread.join(10)
+
+
+class DelayProxy(LoopbackServer):
+    def __init__(self, upstream_port: int, delay_s: float = 0.0) -> None:
+        self.upstream_port = upstream_port
+        self.delay_s = delay_s
+        super().__init__(name="delay-proxy")
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -54,12 +76,3 @@ class DelayProxy:
                 await writer.drain()
         finally:
             writer.close()
-
-    def close(self) -> None:
-        def stop() -> None:
-            if self._server is not None:
-                self._server.close()
-            self.loop.stop()
-
-        self.loop.call_soon_threadsafe(stop)
-        self._thread.join(5)
