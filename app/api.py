@@ -21,9 +21,9 @@ import logging
 from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from app.lookup import LookupPages
+from app.probes import probe_app
 from app.settings import Settings
 from sinks.base import RetriableSinkError
 from sinks.scylla import ScyllaAggregateWriter
@@ -61,23 +61,14 @@ def routes(pages: LookupPages, reader: ScyllaAggregateWriter) -> Any:
 
         return handler
 
-    async def healthz(request: web.Request) -> web.Response:
-        return json({"status": "ok"})
-
-    async def readyz(request: web.Request) -> web.Response:
+    def readiness() -> tuple[int, dict[str, Any]]:
         if reader.connected:
-            return json({"status": "ready"})
-        return json({"status": "not ready", "problems": ["ScyllaDB not connected yet"]}, 503)
+            return 200, {"status": "ready"}
+        return 503, {"status": "not ready", "problems": ["ScyllaDB not connected yet"]}
 
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    app = web.Application()
+    app = probe_app(readiness)
     for what in ("latest", "windows", "alerts"):
         app.router.add_get(f"/devices/{{device}}/{what}", device_page(what))
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
     return app
 
 

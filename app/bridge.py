@@ -38,9 +38,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, generate_latest
+from prometheus_client import Counter, Gauge
 
 from app.kafka import kafka_client_options
+from app.probes import probe_app
 from app.settings import BridgeSettings, Settings
 from models.records import RejectReason
 from sinks.dead_letters import DETAIL_BYTES, HEADROOM_BYTES, TRUNCATED_BYTES  # the worker's DLQ limits
@@ -436,22 +437,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
     bridge = Bridge(settings)
 
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(request: web.Request) -> web.Response:
+    def readiness() -> tuple[int, dict[str, Any]]:
         connected = bool(bridge._epoch)
         status = 200 if bridge.ready and connected else 503
-        return web.json_response({"ready": status == 200, "kafka": bridge.ready, "mqtt": connected}, status=status)
+        return status, {"ready": status == 200, "kafka": bridge.ready, "mqtt": connected}
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(probe_app(readiness), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.web_host, settings.bridge.web_port).start()
     log.info("bridge %s -> Kafka %s; web on %s:%d", settings.bridge.mqtt_url,
