@@ -14,10 +14,10 @@ Phases, each on data produced once before any is timed:
 5. latency   - a worker reads a topic fed live at half the pipeline's rate; the producer's
                record timestamp to the ack after both writes, from the worker's histogram;
 6. devices   - the device-count sweep: a worker writing aggregates to the same ScyllaDB reads
-               single-reading messages from
-               200 to 100,000 devices (``--sweep-devices``), and once more at 20,000 without
-               ScyllaDB, for ScyllaDB's share of the CPU. With many devices a message touches
-               aggregate rows and a device state of its own instead of folding into a few.
+               single-reading messages from 200 to 100,000 devices (``--sweep-devices``), and
+               once more at 20,000 without ScyllaDB, for ScyllaDB's share of the CPU. With
+               many devices a message touches aggregate rows and a device state of its own
+               instead of folding into a few.
                Last, the smallest point again while ``millstream api`` answers lookups about
                its devices from the same ScyllaDB, on and off in phases (ApiLoad).
 
@@ -297,7 +297,7 @@ class Bench:
         self.say(f"    {batched_rate:,.0f} readings/s")
         live_rate = max(50.0, pipeline / 2) if not math.isnan(pipeline) else 1000.0
         self.say(f"6/7 latency at {live_rate:,.0f} msgs/s for {o.latency_seconds:.0f}s (half the pipeline rate)")
-        latency_text, latency_rss = self._latency(live_rate, **scylla_settings(aggregates, "millstream_bench_live"))
+        latency_text, latency_rss = self._latency(live_rate, scylla_settings(aggregates, "millstream_bench_live"))
         sweep = self._sweep()
 
         inserts = sum(
@@ -497,7 +497,7 @@ class Bench:
         self.children.append(api.stop)
         return api
 
-    def _latency(self, rate: float, **settings: str) -> tuple[str, list[float]]:
+    def _latency(self, rate: float, settings: dict[str, str]) -> tuple[str, list[float]]:
         o = self.options
         # tansu holds a fetch until its max wait even when records arrive (Kafka answers at
         # once), so a short wait keeps the broker's habit out of millstream's latency.
