@@ -352,6 +352,9 @@ class Bench:
             "latency_p99_s": round(histogram_quantile(latency_text, "millstream_ack_latency_seconds", 0.99), 3),
             "rows_per_insert": round(rows / inserts) if inserts else 0,
             "rss_peak_mb": round(max(pipeline_rss + batched_rss + latency_rss), 1),
+            # each worker's own peak, for sizing by message shape (README, Performance)
+            "pipeline_rss_peak_mb": round(max(pipeline_rss, default=0.0), 1),
+            "batched_rss_peak_mb": round(max(batched_rss, default=0.0), 1),
             "rss_growth_ratio": round(half[-1] / half[0], 3) if len(half) >= 2 else 1.0,
             **self._versus_quix(quix, pipeline, pipeline_clock, batched_rate),
             **sweep,

@@ -17,7 +17,7 @@ FIGURES = (
     "bare_agent_process_cpu_us_per_msg", "pipeline_process_cpu_us_per_msg", "pipeline_vs_bare_cpu_ratio",
     "batched_process_cpu_us_per_reading", "quix_msgs_per_s", "quix_readings_per_s", "quix_process_cpu_us_per_msg",
     "quix_batched_process_cpu_us_per_reading", "pipeline_vs_quix_ratio", "batched_vs_quix_ratio",
-    "pipeline_vs_quix_cpu_ratio",
+    "pipeline_vs_quix_cpu_ratio", "pipeline_rss_peak_mb", "batched_rss_peak_mb",
 )  # fmt: skip
 
 
@@ -38,6 +38,8 @@ def test_bench_prints_every_figure() -> None:
     assert figures["latency_p50_s"] <= figures["latency_p99_s"]
     # Inserts hold whole batches of rows, not a row or a message at a time.
     assert figures["rows_per_insert"] > 100
+    # each worker's peak, within the overall one (which covers the latency phase too)
+    assert figures["rss_peak_mb"] >= max(figures["pipeline_rss_peak_mb"], figures["batched_rss_peak_mb"])
     assert "pipeline_vs_bare_ratio" in result.stdout and ">= 0.8" in result.stdout  # the table, with goals
     # The peer: the same job in Quix Streams (the bench extra, installed by `.[test]`).
     assert figures["pipeline_vs_quix_ratio"] == pytest.approx(
