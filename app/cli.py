@@ -349,18 +349,18 @@ def _worker_command(faust_args: list[str]) -> int:
 
 
 def _serve_until_signalled(
-    name: str, serve: Callable[[Settings, Any], Awaitable[None]], settings: Settings, quiet: tuple[str, int],
+    name: str, serve: Callable[[Settings, Any], Awaitable[None]], settings: Settings, quiet: str,
     refusals: tuple[type[Exception], ...] = (),
 ) -> int:  # fmt: skip
     """``serve(settings, stop)`` with the service's logging until SIGTERM or SIGINT sets ``stop``;
-    ``quiet``: a library logger and its level (the service logs that library's reconnects itself).
+    ``quiet``: a library's logger, silenced (the service logs that library's reconnects itself).
     The web port not to be had (OSError), or one of ``refusals``, is one line and exit 2."""
     import asyncio
     import logging
     import signal
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger(quiet[0]).setLevel(quiet[1])
+    logging.getLogger(quiet).setLevel(logging.CRITICAL)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -377,8 +377,6 @@ def _serve_until_signalled(
 
 
 def _bridge_command() -> int:
-    import logging
-
     try:
         settings = load_settings()
     except SettingsError as exc:
@@ -388,12 +386,10 @@ def _bridge_command() -> int:
         return _fail(refused)
     from app.bridge import serve
 
-    return _serve_until_signalled("bridge", serve, settings, ("aiokafka", logging.CRITICAL))
+    return _serve_until_signalled("bridge", serve, settings, "aiokafka")
 
 
 def _api_command() -> int:
-    import logging
-
     try:
         settings = load_settings()
     except SettingsError as exc:
@@ -404,7 +400,7 @@ def _api_command() -> int:
     from app.api import serve
     from sinks.base import FatalSinkError
 
-    return _serve_until_signalled("api", serve, settings, ("cassandra", logging.CRITICAL), (FatalSinkError,))
+    return _serve_until_signalled("api", serve, settings, "cassandra", (FatalSinkError,))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import itertools
 import json
 import math
@@ -246,7 +247,6 @@ class Bench:
         self.rate_hint = 0.0  # msgs/s of the full pipeline (phase 3): sizes the lookup API point
         self.broker = EmbeddedBroker(workdir / "broker.log")
         self.children: list[Callable[[], object]] = []  # what stops each child process
-        self._scylla: list[tuple[str, int] | None] = []  # where aggregates go, once looked up
 
     def _clickhouse_url(self, phase: str) -> str:
         return self.options.clickhouse_url or f"chdb://{self.workdir / ('clickhouse-' + phase)}"
@@ -282,7 +282,7 @@ class Bench:
         self.say(f"    {bare:,.0f} msgs/s; {bare_tuned:,.0f} msgs/s tuned")
         self.say("3/7 the same job in Quix Streams (decode, 1 min and 1 h windows with changelogs, raw rows to chdb)")
         quix = self._quix(bootstrap, o.messages, o.batched_messages * o.batch_size)
-        aggregates = self._scylla_where()
+        aggregates = self._scylla_where
         self.say("4/7 full pipeline, single-reading messages, " + _aggregates_to(aggregates))
         pipeline_clock, pipeline_text, pipeline_rss = self._pipeline(
             "pipeline", "bench-single", o.messages, scylla_settings(aggregates, "millstream_bench_pipeline")
@@ -339,12 +339,8 @@ class Bench:
             "batched_process_cpu_us_per_reading": round(batched_clock.cpu_us_per_message() / o.batch_size, 2),
             "batched_readings_per_s": round(batched_rate),
             # aggregate rows upserted to ScyllaDB per message (0: no ScyllaDB to write to)
-            "pipeline_aggregate_rows_per_msg": round(
-                metric_value(pipeline_text, "millstream_sink_batch_rows_sum", 'sink="scylla"') / o.messages, 3
-            ),
-            "batched_aggregate_rows_per_msg": round(
-                metric_value(batched_text, "millstream_sink_batch_rows_sum", 'sink="scylla"') / o.batched_messages, 3
-            ),
+            "pipeline_aggregate_rows_per_msg": round(scylla_rows(pipeline_text) / o.messages, 3),
+            "batched_aggregate_rows_per_msg": round(scylla_rows(batched_text) / o.batched_messages, 3),
             "pipeline_cpu_msgs_per_s": round(cpu_msgs),
             "pipeline_cpu_readings_per_s": round(cpu_readings),
             "latency_rate_msgs_per_s": round(live_rate),
@@ -521,12 +517,11 @@ class Bench:
             worker.stop()
         return text, samples
 
+    @functools.cached_property
     def _scylla_where(self) -> tuple[str, int] | None:
         """Where every worker phase writes aggregates, looked for (and a test server started)
         once per bench."""
-        if not self._scylla:
-            self._scylla.append(self._scylla_hosts())
-        return self._scylla[0]
+        return self._scylla_hosts()
 
     def _scylla_hosts(self) -> tuple[str, int] | None:
         """Where the worker phases write aggregates: ``--scylla``, else a CQL test server started from
@@ -560,7 +555,7 @@ class Bench:
         points = sorted(set(o.sweep_devices))
         if not points:
             return {}
-        where = self._scylla_where()
+        where = self._scylla_where
         if where is None:
             self.say("7/7 device sweep skipped: no --scylla HOSTS and no CQL test server (tests/ of a checkout)")
             return {"device_sweep": "skipped: needs --scylla HOSTS or a checkout with tests/support/cql"}
@@ -634,9 +629,7 @@ class Bench:
             "devices_with_messages": touched,
             "msgs_per_s": round(clock.rate()),
             "cpu_us_per_msg": round(clock.cpu_us_per_message(), 1),
-            "aggregate_rows_per_msg": round(
-                metric_value(text, "millstream_sink_batch_rows_sum", 'sink="scylla"') / count, 2
-            ),
+            "aggregate_rows_per_msg": round(scylla_rows(text) / count, 2),
             "scylla_requests_per_msg": round(metric_value(text, "millstream_scylla_write_requests_total") / count, 3),
             "changelog_records_per_msg": round(changelog_records(text) / count, 2),
             "rss_peak_mb": round(max(rss, default=0.0), 1),
@@ -858,6 +851,11 @@ def query_cost(worker: WorkerChild, devices: list[str]) -> float:
         api.close()
     busy = cpu_seconds(worker.pid) - busy_from - idle_per_s * (time.monotonic() - started)
     return max(busy, 0.0) / API_COST_QUERIES * 1e6
+
+
+def scylla_rows(text: str) -> float:
+    """Aggregate rows a worker upserted to ScyllaDB, from its /metrics ``text``."""
+    return metric_value(text, "millstream_sink_batch_rows_sum", 'sink="scylla"')
 
 
 def changelog_records(text: str) -> float:
